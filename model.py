@@ -1,0 +1,290 @@
+"""
+A GPT-2 language model, small enough to read in one sitting.
+
+Parameter names follow the Hugging Face GPT-2 layout (transformer.wte, transformer.h.0.attn.c_attn,
+...), so `GPT.from_pretrained` maps a real GPT-2 checkpoint onto it with only a transpose of the
+Conv1D weights. The model returns logits for every position: DPO scores whole responses, not just
+the next token. `generate` samples a batch of prompts of different lengths with a key/value cache.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 257      # 256 bytes + <|endoftext|>; 50257 for GPT-2's BPE
+    block_size: int = 256      # longest sequence the position table covers
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True          # GPT-2 has biases in its Linear and LayerNorm layers
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            # write this step's keys/values at their slots, then attend over everything so far
+            t0 = cache["pos"]
+            if cache["k"] is None:  # allocated on first use, in the dtype autocast gives k and v
+                cache["k"] = k.new_empty(B, self.n_head, cache["size"], C // self.n_head)
+                cache["v"] = torch.empty_like(cache["k"])
+            cache["k"][:, :, t0:t0 + T] = k
+            cache["v"][:, :, t0:t0 + T] = v
+            k, v = cache["k"][:, :, :t0 + T], cache["v"][:, :, :t0 + T]
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's GELU
+
+
+class Block(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)  # pre-LayerNorm residual blocks
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                # each block adds two residual branches: shrink them so the residual stream's
+                # variance does not grow with depth (GPT-2 paper, section 2.3)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())  # the tied lm_head is counted once
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def hidden(self, idx, pos=None, attn_mask=None, cache=None):
+        """Final-LayerNorm hidden states (B, T, C). `pos`, `attn_mask` and `cache` are for generate."""
+        B, T = idx.shape
+        if pos is None:
+            t0 = 0 if cache is None else cache[0]["pos"]
+            if t0 + T > self.config.block_size:
+                raise ValueError(f"sequence of length {t0 + T} is longer than block_size {self.config.block_size}")
+            pos = torch.arange(t0, t0 + T, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, None if cache is None else cache[i])
+        if cache is not None:
+            for c in cache:
+                c["pos"] += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, positions=None):
+        """Logits (B, T, vocab) for token ids (B, T); with a boolean `positions` (B, T), only the
+        logits of the selected positions, (N, vocab) in row-major order: DPO scores only the
+        response, and the output layer is the costliest matmul for a 50k vocabulary.
+
+        No padding mask is needed for right-padded batches: attention is causal, so a real token
+        never sees the padding that comes after it, and the padded positions' own outputs are
+        masked out of every loss."""
+        h = self.hidden(idx)  # (B, T, C)
+        return self.lm_head(h if positions is None else h[positions])
+
+    # ----------------------------------------------------------------------------------------
+    # sampling
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, eos_id=None,
+                 use_cache=True, generator=None):
+        """Sample continuations of a batch of token-id lists of different lengths.
+
+        Prompts are left-padded so that every row's last prompt token sits in the same column;
+        each row keeps its own positions (0, 1, ... from its first real token) and pad keys are
+        masked out, so a row's result does not depend on the rest of the batch. A row stops at
+        `eos_id` (which it keeps). temperature=0 means greedy. Returns a list of new-token lists.
+        """
+        device = self.transformer.wte.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("every prompt needs at least one token")
+        total = P + max_new_tokens
+        if total > self.config.block_size:
+            raise ValueError(f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds block_size {self.config.block_size}")
+        idx = torch.zeros(B, total, dtype=torch.long, device=device)
+        valid = torch.zeros(B, total, dtype=torch.bool, device=device)  # which columns hold real tokens
+        for b, p in enumerate(prompts):
+            idx[b, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+            valid[b, P - len(p):] = True  # generated columns are all real
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, total) per-row positions
+        causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+        # a query may attend to earlier real keys and always to itself (so an all-pad row is never empty)
+        mask = (causal & valid[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)
+        mask = mask[:, None]  # (B, 1, total, total)
+        cache = [dict(k=None, v=None, pos=0, size=total) for _ in self.transformer.h] if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        t = 0  # columns already fed to the model (cached path)
+        for cur in range(P, total):
+            if use_cache:
+                h = self.hidden(idx[:, t:cur], pos[:, t:cur], mask[:, :, t:cur, :cur], cache)
+                t = cur
+            else:
+                h = self.hidden(idx[:, :cur], pos[:, :cur], mask[:, :, :cur, :cur])
+            logits = self.lm_head(h[:, -1]).float()  # (B, vocab): only the last position is needed
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            idx[:, cur] = nxt
+            if eos_id is not None:
+                done |= nxt == eos_id
+                if done.all():
+                    total = cur + 1
+                    break
+        out = []
+        for row in idx[:, P:total].tolist():
+            if eos_id is not None and eos_id in row:
+                row = row[:row.index(eos_id) + 1]
+            out.append(row)
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # loading a Hugging Face GPT-2 checkpoint folder, without the transformers package
+
+    @classmethod
+    def from_pretrained(cls, path, dropout=0.0):
+        """Load `path/config.json` plus `model.safetensors` or `pytorch_model.bin`."""
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{cfg_file}: not found (expected a Hugging Face GPT-2 folder)")
+        with open(cfg_file) as f:
+            hf = json.load(f)
+        try:
+            cfg = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                            n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
+        except KeyError as e:
+            raise ValueError(f"{cfg_file}: missing field {e}") from None
+        st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+        if os.path.isfile(st):
+            sd, src = load_safetensors(st), st
+        elif os.path.isfile(pt):
+            sd, src = torch.load(pt, map_location="cpu", weights_only=True), pt  # never unpickle code
+        else:
+            raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
+        model = cls(cfg)
+        ours = model.state_dict()
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        loaded = set()
+        for key, w in sd.items():
+            k = key if key.startswith("transformer.") or key == "lm_head.weight" else "transformer." + key
+            if k.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # legacy causal-mask buffers, not weights
+            if k == "lm_head.weight":
+                continue  # tied to wte
+            if k not in ours:
+                raise ValueError(f"{src}: key '{key}' does not map onto any parameter of GPT")
+            if k.endswith(transposed):
+                w = w.t()  # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
+            if w.shape != ours[k].shape:
+                raise ValueError(f"{src}: '{key}' has shape {tuple(w.shape)}, expected {tuple(ours[k].shape)}")
+            with torch.no_grad():
+                ours[k].copy_(w.to(torch.float32))
+            loaded.add(k)
+        missing = [k for k in ours if k not in loaded and k != "lm_head.weight"]
+        if missing:
+            raise ValueError(f"{src}: no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        return model
+
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def load_safetensors(path):
+    """Read a .safetensors file: an 8-byte little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError(f"{path}: too short to be a safetensors file")
+    n = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
+    body = memoryview(data)[8 + n:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype == "BF16":  # numpy has no bfloat16: read the raw 16 bits and reinterpret
+            t = torch.from_numpy(np.frombuffer(body[a:b], dtype=np.int16).copy()).view(torch.bfloat16)
+        elif dtype in _ST_DTYPES:
+            t = torch.from_numpy(np.frombuffer(body[a:b], dtype=_ST_DTYPES[dtype]).copy())
+        else:
+            raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
+        if t.numel() != math.prod(shape):
+            raise ValueError(f"{path}: tensor '{name}' has {t.numel()} values for shape {shape}")
+        out[name] = t.reshape(shape)
+    return out
