@@ -9,6 +9,7 @@ the next token. `generate` samples a batch of prompts of different lengths with 
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,11 +54,17 @@ class CausalSelfAttention(nn.Module):
             cache["v"][:, :, t0:t0 + T] = v
             k, v = cache["k"][:, :, :t0 + T], cache["v"][:, :, :t0 + T]
         dropout_p = self.dropout if self.training else 0.0
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        dtype, fp32_attn = q.dtype, q.device.type == "cpu" and q.dtype == torch.bfloat16
+        if fp32_attn:
+            # PyTorch's CPU attention kernel is about 2x slower in bf16 than in fp32 (fwd+bwd,
+            # measured here); autocast would cast back to bf16, so it is switched off for this op
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if fp32_attn else nullcontext():
+            if attn_mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -1,0 +1,443 @@
+"""
+Data for DPO: preference pairs from files, tokenization, padding, splits,
+resumable batches, and "reviews", a small synthetic preference task whose
+reward is known exactly (so a run can be judged against the ground truth).
+
+A pair is a dict {"prompt": str, "chosen": str, "rejected": str}. Responses
+keep their leading space (" Sure, ...") because BPE tokens carry it.
+"""
+
+import gzip
+import json
+import math
+import os
+import random
+import re
+from collections import Counter
+
+import tiktoken
+import torch
+from tiktoken.load import load_tiktoken_bpe
+
+ASSISTANT = "\n\nAssistant:"
+ROLE_TAGS = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
+
+# -----------------------------------------------------------------------------
+# loading preference pairs
+
+def load_pairs(path, verbose=True):
+    """Load preference pairs from .jsonl, .jsonl.gz, .json (a list) or .json.gz.
+
+    The format is detected per record:
+      explicit       {"prompt", "chosen", "rejected"} strings, used verbatim.
+      implicit (HH)  {"chosen", "rejected"} whole dialogues. The prompt is the
+                     part both share, up to and including the last "\\n\\nAssistant:"
+                     inside that shared part; the responses are what follows.
+                     (Taking the prompt from each side's own last Assistant turn
+                     goes wrong when a response itself holds a later
+                     "\\n\\nAssistant:" turn: 5 pairs in harmless-base-test. The
+                     shared prefix gives both sides the same, true prompt, so
+                     those pairs are kept and counted in the summary.) If the
+                     dialogues differ before any shared Assistant turn, the pair
+                     is skipped as "prompt_mismatch".
+      conversational "prompt" (optional), "chosen", "rejected" as lists of
+                     {"role", "content"} messages. prompt + chosen and prompt +
+                     rejected must each end with an assistant message and agree
+                     on everything before it (else "prompt_mismatch"). Template:
+                     each message renders as "\\n\\nHuman: {content}" (user/human),
+                     "\\n\\nAssistant: {content}" or "\\n\\nSystem: {content}"; the
+                     prompt ends with "\\n\\nAssistant:"; a response is " " + the
+                     final assistant content.
+    Pairs with an empty (whitespace-only) response or chosen == rejected are
+    skipped and counted. Bad input raises ValueError naming file, line (or
+    record index for .json) and field; a missing file raises FileNotFoundError.
+    """
+    path = str(path)
+    pairs, skipped, later_turns = [], Counter(), 0
+    for where, record in _read_records(path):
+        try:
+            prompt, chosen, rejected = _parse_record(record)
+        except _Skip as skip:
+            skipped[skip.args[0]] += 1
+            continue
+        except ValueError as e:
+            raise ValueError(f"{path}: {where}: {e}") from None
+        if not chosen.strip() or not rejected.strip():
+            skipped["empty_response"] += 1
+        elif chosen == rejected:
+            skipped["identical"] += 1
+        else:
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            later_turns += ASSISTANT in chosen or ASSISTANT in rejected
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
+    summary = f"loaded {len(pairs)} pairs from {os.path.basename(path)} " \
+              f"(skipped {sum(skipped.values())}{': ' + counts if counts else ''})"
+    if later_turns:
+        summary += f"; {later_turns} kept with a later Assistant turn inside a response"
+    if not pairs:
+        raise ValueError(f"{path}: no usable pairs ({summary})")
+    if verbose:
+        print(summary)
+    return pairs
+
+class _Skip(Exception):  # a record to count and drop; args[0] is the reason
+    pass
+
+def _read_records(path):
+    """-> list of (where, record); where is 'line N' (1-based) or 'record N' (0-based index)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    base = path[:-3] if path.endswith(".gz") else path
+    if not base.endswith((".jsonl", ".json")):
+        raise ValueError(f"{path}: unknown file type (expected .jsonl, .jsonl.gz, .json or .json.gz)")
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read as UTF-8 text ({e})") from None
+    if base.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        records = [(f"record {i}", r) for i, r in enumerate(data)]
+    else:
+        records = []
+        # split on "\n" only: str.splitlines would also break on U+2028 inside strings
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    records.append((f"line {n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
+    if not records:
+        raise ValueError(f"{path}: empty file (no records)")
+    return records
+
+def _parse_record(rec):
+    """One record -> (prompt, chosen, rejected). ValueError names the field."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    if "chosen" not in rec and "rejected" not in rec:
+        raise ValueError(f"unknown record format: no fields 'chosen' and 'rejected' (fields: {sorted(rec)})")
+    for field in ("chosen", "rejected"):
+        if field not in rec:
+            raise ValueError(f"missing field '{field}'")
+        if not isinstance(rec[field], (str, list)):
+            raise ValueError(f"field '{field}': expected a string or a list of messages, "
+                             f"got {type(rec[field]).__name__}")
+    chosen, rejected = rec["chosen"], rec["rejected"]
+    if type(chosen) is not type(rejected):
+        raise ValueError(f"field 'rejected': got {type(rejected).__name__} but 'chosen' is {type(chosen).__name__}")
+    if isinstance(chosen, list):
+        prompt = rec.get("prompt", [])
+        if not isinstance(prompt, list):
+            raise ValueError(f"field 'prompt': expected a list of messages, got {type(prompt).__name__}")
+        return _render_conversation(prompt, chosen, rejected)
+    if "prompt" in rec:
+        if not isinstance(rec["prompt"], str):
+            raise ValueError(f"field 'prompt': expected a string, got {type(rec['prompt']).__name__}")
+        return rec["prompt"], chosen, rejected
+    return _split_dialogues(chosen, rejected)
+
+def _split_dialogues(chosen, rejected):
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = shared.rfind(ASSISTANT)
+    if cut < 0:
+        for field, text in (("chosen", chosen), ("rejected", rejected)):
+            if ASSISTANT not in text:
+                raise ValueError(f"field '{field}': no '\\n\\nAssistant:' turn in a dialogue")
+        raise _Skip("prompt_mismatch")
+    n = cut + len(ASSISTANT)
+    return chosen[:n], chosen[n:], rejected[n:]
+
+def _render_conversation(prompt, chosen, rejected):
+    head = _messages(prompt, "prompt")
+    full_c, full_r = head + _messages(chosen, "chosen"), head + _messages(rejected, "rejected")
+    for field, full in (("chosen", full_c), ("rejected", full_r)):
+        if not full or full[-1][0] != "Assistant":
+            raise ValueError(f"field '{field}': the conversation must end with an assistant message")
+    if full_c[:-1] != full_r[:-1]:
+        raise _Skip("prompt_mismatch")
+    text = "".join(f"\n\n{tag}: {content}" for tag, content in full_c[:-1])
+    return text + ASSISTANT, " " + full_c[-1][1], " " + full_r[-1][1]
+
+def _messages(msgs, field):
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ValueError(f"field '{field}[{i}]': expected a message object, got {type(m).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                raise ValueError(f"field '{field}[{i}].{key}': expected a string, got {type(m.get(key)).__name__}")
+        if m["role"] not in ROLE_TAGS:
+            raise ValueError(f"field '{field}[{i}].role': unknown role {m['role']!r} (expected {sorted(ROLE_TAGS)})")
+        out.append((ROLE_TAGS[m["role"]], m["content"]))
+    return out
+
+# -----------------------------------------------------------------------------
+# tokenization and padding
+
+EOT = "<|endoftext|>"
+# GPT-2's pre-tokenizer split (tiktoken's r50k_base pattern)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+def get_tokenizer(name):
+    """'bytes' (UTF-8 bytes, eot = 256), a path to a .tiktoken file (GPT-2 split,
+    eot = number of ranks), or a tiktoken encoding name (needs network once)."""
+    name = str(name)
+    if name == "bytes":
+        ranks = {bytes([i]): i for i in range(256)}
+        return tiktoken.Encoding("bytes", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens={EOT: 256}, explicit_n_vocab=257)
+    if name.endswith(".tiktoken"):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"{name}: no such .tiktoken file")
+        ranks = load_tiktoken_bpe(name)
+        return tiktoken.Encoding(os.path.basename(name)[:-len(".tiktoken")], pat_str=GPT2_PATTERN,
+                                 mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:
+        raise ValueError(f"cannot load tiktoken encoding {name!r} ({type(e).__name__}: {e}). "
+                         f"Offline, pass 'bytes' or a .tiktoken file, "
+                         f"e.g. ../shared/data/gpt2-bpe/gpt2.tiktoken") from e
+
+def tokenize_pairs(pairs, enc, block_size, min_prompt_tokens=8, verbose=True):
+    """Pairs -> list of (prompt_ids, chosen_ids, rejected_ids).
+
+    Prompt and responses are encoded separately (no merge across the boundary)
+    and each response gets an appended eot, so the model learns to stop. An
+    empty prompt becomes [eot]: the first response token needs something to
+    condition on. If prompt + the longer response exceeds block_size, the
+    prompt is cut from its start (its end is what the response continues) but
+    kept to at least min_prompt_tokens (at least 1); if still too long, both
+    responses are cut from their end, which may drop the eot.
+    """
+    eot, out, cuts, skipped = enc.eot_token, [], Counter(), Counter()
+    for pair in pairs:
+        p = enc.encode_ordinary(pair["prompt"]) or [eot]
+        c = enc.encode_ordinary(pair["chosen"]) + [eot]
+        r = enc.encode_ordinary(pair["rejected"]) + [eot]
+        fitted = _fit(p, [c, r], block_size, min_prompt_tokens, cuts)
+        if fitted is None:
+            skipped["no_room"] += 1
+        elif fitted[1][0] == fitted[1][1]:
+            skipped["identical"] += 1
+        else:
+            out.append((fitted[0], *fitted[1]))
+    if verbose:
+        _report("pairs", out, block_size, cuts, skipped)
+    return out
+
+def tokenize_sft(items, enc, block_size, min_prompt_tokens=8, verbose=True):
+    """(prompt, response) strings -> list of (prompt_ids, response_ids), with the
+    same encoding, appended eot and truncation as tokenize_pairs."""
+    eot, out, cuts, skipped = enc.eot_token, [], Counter(), Counter()
+    for prompt, response in items:
+        fitted = _fit(enc.encode_ordinary(prompt) or [eot], [enc.encode_ordinary(response) + [eot]],
+                      block_size, min_prompt_tokens, cuts)
+        if fitted is None:
+            skipped["no_room"] += 1
+        else:
+            out.append((fitted[0], fitted[1][0]))
+    if verbose:
+        _report("sequences", out, block_size, cuts, skipped)
+    return out
+
+def _fit(p, responses, block_size, min_prompt_tokens, cuts):
+    """Make prompt + each response fit block_size: cut the prompt from its start
+    down to min_prompt_tokens (at least 1), then the responses from their end.
+    Counts the cuts in `cuts`; returns None when no response token fits."""
+    longest = max(map(len, responses))
+    if len(p) + longest > block_size:
+        keep = max(block_size - longest, min(max(1, min_prompt_tokens), len(p)))
+        if keep < len(p):
+            p, cuts["prompt"] = p[len(p) - keep:], cuts["prompt"] + 1
+    room = block_size - len(p)
+    if room < 1:
+        return None
+    if longest > room:
+        responses, cuts["response"] = [x[:room] for x in responses], cuts["response"] + 1
+    return p, responses
+
+def _report(what, out, block_size, cuts, skipped):
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
+    print(f"tokenized {len(out)} {what} (block_size {block_size}): prompt cut in {cuts['prompt']}, "
+          f"responses cut in {cuts['response']}, skipped {sum(skipped.values())}"
+          + (f" ({counts})" if counts else ""))
+
+def collate(examples, pad_id):
+    """B (prompt, chosen, rejected) triples -> ids (2B, T) long, mask (2B, T) bool.
+    Rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, right-padded;
+    mask is True exactly on response tokens (incl. the eot)."""
+    rows = [(p, c) for p, c, _ in examples] + [(p, r) for p, _, r in examples]
+    return _pad(rows, pad_id)
+
+def collate_sft(examples, pad_id):
+    """B (prompt_ids, response_ids) pairs -> ids (B, T), mask (B, T) as in collate."""
+    return _pad(list(examples), pad_id)
+
+def _pad(rows, pad_id):
+    if not rows:
+        raise ValueError("cannot collate an empty batch")
+    T = max(len(p) + len(r) for p, r in rows)
+    ids = [p + r + [pad_id] * (T - len(p) - len(r)) for p, r in rows]
+    mask = [[False] * len(p) + [True] * len(r) + [False] * (T - len(p) - len(r)) for p, r in rows]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+
+# -----------------------------------------------------------------------------
+# splits and batches
+
+def split_by_prompt(items, val_fraction, seed, key=lambda x: x["prompt"]):
+    """-> (train, val), each keeping the input order. Whole prompts go to one
+    side: sorted unique prompts are shuffled with Random(seed) and the first
+    ceil(val_fraction * n) go to val (at least 1, at most n-1, when n >= 2)."""
+    prompts = sorted({key(x) for x in items})
+    random.Random(seed).shuffle(prompts)
+    n = len(prompts)
+    n_val = 0
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(1, math.ceil(val_fraction * n - 1e-9)), n - 1)
+    val_prompts = set(prompts[:n_val])
+    train = [x for x in items if key(x) not in val_prompts]
+    val = [x for x in items if key(x) in val_prompts]
+    return train, val
+
+class Batches:
+    """Deterministic shuffled mini-batches, resumable and sharded for DDP.
+
+    Epoch e uses the permutation Random(seed + e) on every rank; each global
+    batch of batch_size * world_size items is cut into contiguous slices, rank r
+    taking the r-th, so one process with the global batch size sees the same
+    items in the same order. The incomplete last global batch is dropped. The
+    state "pos" is the item offset into the epoch's permutation, the same on
+    every rank and independent of how the global batch is sharded.
+    """
+
+    def __init__(self, examples, batch_size, seed, rank=0, world_size=1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.rank, self.global_size = rank, batch_size * world_size
+        if batch_size < 1 or len(examples) < self.global_size:
+            raise ValueError(f"{len(examples)} examples cannot fill one global batch of "
+                             f"{batch_size} x {world_size} ranks = {self.global_size}")
+        self.steps_per_epoch = len(examples) // self.global_size
+        self.epoch, self.pos, self._perm = 0, 0, None
+
+    def next(self):
+        if self.pos + self.global_size > len(self.examples):
+            self.epoch, self.pos = self.epoch + 1, 0
+        if self._perm is None or self._perm[0] != self.epoch:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed + self.epoch).shuffle(order)
+            self._perm = (self.epoch, order)
+        start = self.pos + self.rank * self.batch_size
+        self.pos += self.global_size
+        return [self.examples[i] for i in self._perm[1][start:start + self.batch_size]]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, d):
+        if d["pos"] < 0 or d["pos"] % self.global_size:
+            raise ValueError(f"pos {d['pos']} is not a multiple of the global batch {self.global_size}")
+        self.epoch, self.pos = int(d["epoch"]), int(d["pos"])
+
+# -----------------------------------------------------------------------------
+# the "reviews" task: movie-review continuations ranked by a sentiment lexicon
+# (after the DPO paper's IMDb experiment, but with an exact, known reward).
+# prompt:   "{opener} the {genre} {felt|was|seemed}"
+# response: " " ADJP (JOIN " the" ASPECT "was" ADJP){1,3} "."
+#           ADJP = ["not " | "very " | "truly "] ADJECTIVE;  JOIN = ", and" | ", but" | " and"
+
+TASK_NAME = "reviews"
+OPENERS = ["Honestly,", "To be fair,", "In the end,", "I have to say", "Frankly,",
+           "Overall,", "For me,", "All in all,", "Truth be told,", "Looking back,"]
+GENRES = ["comedy", "thriller", "drama", "sequel", "documentary", "musical", "western", "cartoon"]
+VERBS = ["felt", "was", "seemed"]
+ASPECTS = ["acting", "plot", "music", "ending", "script", "dialogue", "pacing", "cast"]
+POSITIVE = ["superb", "funny", "moving", "clever", "gripping",
+            "charming", "brilliant", "delightful", "fresh", "wonderful"]
+NEGATIVE = ["dull", "boring", "clumsy", "weak", "flat",
+            "tedious", "silly", "awful", "bland", "predictable"]
+INTENSIFIERS = ["very", "truly"]
+JOINERS = [", and", ", but", " and"]
+P_NOT, P_INTENSIFIER = 0.15, 0.2
+
+def _any(words):
+    return "(?:" + "|".join(map(re.escape, words)) + ")"
+
+_ADJP = f"(?:{_any(['not'] + INTENSIFIERS)} )?{_any(POSITIVE + NEGATIVE)}"
+_CLAUSE = f"{_any(JOINERS)} the {_any(ASPECTS)} was {_ADJP}"
+_VALID = re.compile(f" {_ADJP}(?:{_CLAUSE}){{1,3}}\\.")
+_SIGN = {**{w: 1 for w in POSITIVE}, **{w: -1 for w in NEGATIVE}}
+
+def reward(prompt, response):
+    """Lexicon judge: +1 per positive adjective, -1 per negative one, sign
+    flipped when the word right before it is "not". Word-level and
+    case-insensitive, so any text (even garbage) gets a finite score. The
+    prompt is accepted for API generality and ignored."""
+    words = re.findall(r"[a-z]+", str(response).lower())
+    return float(sum(_SIGN[w] * (-1 if i and words[i - 1] == "not" else 1)
+                     for i, w in enumerate(words) if w in _SIGN))
+
+def is_valid(response):
+    """True iff the response (a trailing <|endoftext|> is allowed) follows the grammar exactly."""
+    if not isinstance(response, str):
+        return False
+    if response.endswith(EOT):
+        response = response[:-len(EOT)]
+    return _VALID.fullmatch(response) is not None
+
+def _adjective_phrase(rng, p_positive):
+    positive = rng.random() < p_positive  # the sentiment this phrase expresses
+    if rng.random() < P_NOT:  # "not" + an adjective of the opposite sign
+        return "not " + rng.choice(NEGATIVE if positive else POSITIVE)
+    word = rng.choice(POSITIVE if positive else NEGATIVE)
+    return f"{rng.choice(INTENSIFIERS)} {word}" if rng.random() < P_INTENSIFIER else word
+
+def sample_response(rng):
+    """One response; its latent tone p_positive ~ Uniform(0, 1), so every sentiment occurs."""
+    tone = rng.random()
+    parts = [" " + _adjective_phrase(rng, tone)]
+    for aspect in rng.sample(ASPECTS, rng.randint(1, 3)):
+        parts.append(f"{rng.choice(JOINERS)} the {aspect} was {_adjective_phrase(rng, tone)}")
+    return "".join(parts) + "."
+
+def make_task(seed=0, n_sft=20000, n_pairs=10000, n_val_pairs=500, n_eval_prompts=256):
+    """The reviews task. 16 of the 80 opener x genre combinations (2 per genre,
+    each opener at most twice; all 3 verbs -> 48 prompts) are held out: val
+    pairs and eval prompts use only those, sft and train pairs never do.
+    A pair is two independent responses to one prompt, chosen = higher reward,
+    ties dropped. Eval prompts cycle through the shuffled held-out prompts."""
+    rng = random.Random(seed)
+    shift = rng.randrange(len(OPENERS))
+    held = {(OPENERS[(g + shift + k) % len(OPENERS)], genre) for g, genre in enumerate(GENRES) for k in (0, 1)}
+    train_prompts, held_prompts = [], []
+    for opener in OPENERS:
+        for genre in GENRES:
+            for verb in VERBS:
+                prompt = f"{opener} the {genre} {verb}"
+                (held_prompts if (opener, genre) in held else train_prompts).append(prompt)
+
+    def pairs(prompts, n):
+        out = []
+        while len(out) < n:
+            prompt, a, b = rng.choice(prompts), sample_response(rng), sample_response(rng)
+            ra, rb = reward(prompt, a), reward(prompt, b)
+            if ra != rb:
+                chosen, rejected = (a, b) if ra > rb else (b, a)
+                out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        return out
+
+    sft = [(rng.choice(train_prompts), sample_response(rng)) for _ in range(n_sft)]
+    train, val = pairs(train_prompts, n_pairs), pairs(held_prompts, n_val_pairs)
+    rng.shuffle(held_prompts)
+    eval_prompts = [held_prompts[i % len(held_prompts)] for i in range(n_eval_prompts)]
+    return {"sft": sft, "train": train, "val": val, "eval_prompts": eval_prompts,
+            "reward": reward, "is_valid": is_valid}
