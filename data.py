@@ -19,8 +19,10 @@ import tiktoken
 import torch
 from tiktoken.load import load_tiktoken_bpe
 
+
 ASSISTANT = "\n\nAssistant:"
 ROLE_TAGS = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
+
 
 # -----------------------------------------------------------------------------
 # loading preference pairs
@@ -80,8 +82,10 @@ def load_pairs(path, verbose=True):
         print(summary)
     return pairs
 
+
 class _Skip(Exception):  # a record to count and drop; args[0] is the reason
     pass
+
 
 def _read_records(path):
     """-> list of (where, record); where is 'line N' (1-based) or 'record N' (0-based index)."""
@@ -117,6 +121,7 @@ def _read_records(path):
         raise ValueError(f"{path}: empty file (no records)")
     return records
 
+
 def _parse_record(rec):
     """One record -> (prompt, chosen, rejected). ValueError names the field."""
     if not isinstance(rec, dict):
@@ -143,6 +148,7 @@ def _parse_record(rec):
         return rec["prompt"], chosen, rejected
     return _split_dialogues(chosen, rejected)
 
+
 def _split_dialogues(chosen, rejected):
     shared = os.path.commonprefix([chosen, rejected])
     cut = shared.rfind(ASSISTANT)
@@ -154,6 +160,7 @@ def _split_dialogues(chosen, rejected):
     n = cut + len(ASSISTANT)
     return chosen[:n], chosen[n:], rejected[n:]
 
+
 def _render_conversation(prompt, chosen, rejected):
     head = _messages(prompt, "prompt")
     full_c, full_r = head + _messages(chosen, "chosen"), head + _messages(rejected, "rejected")
@@ -164,6 +171,7 @@ def _render_conversation(prompt, chosen, rejected):
         raise _Skip("prompt_mismatch")
     text = "".join(f"\n\n{tag}: {content}" for tag, content in full_c[:-1])
     return text + ASSISTANT, " " + full_c[-1][1], " " + full_r[-1][1]
+
 
 def _messages(msgs, field):
     out = []
@@ -178,12 +186,14 @@ def _messages(msgs, field):
         out.append((ROLE_TAGS[m["role"]], m["content"]))
     return out
 
+
 # -----------------------------------------------------------------------------
 # tokenization and padding
 
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenizer split (tiktoken's r50k_base pattern)
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
 
 def get_tokenizer(name):
     """'bytes' (UTF-8 bytes, eot = 256), a path to a .tiktoken file (GPT-2 split,
@@ -205,6 +215,7 @@ def get_tokenizer(name):
         raise ValueError(f"cannot load tiktoken encoding {name!r} ({type(e).__name__}: {e}). "
                          f"Offline, pass 'bytes' or a .tiktoken file, "
                          f"e.g. ../shared/data/gpt2-bpe/gpt2.tiktoken") from e
+
 
 def tokenize_pairs(pairs, enc, block_size, min_prompt_tokens=8, verbose=True):
     """Pairs -> list of (prompt_ids, chosen_ids, rejected_ids).
@@ -233,6 +244,7 @@ def tokenize_pairs(pairs, enc, block_size, min_prompt_tokens=8, verbose=True):
         _report("pairs", out, block_size, cuts, skipped)
     return out
 
+
 def tokenize_sft(items, enc, block_size, min_prompt_tokens=8, verbose=True):
     """(prompt, response) strings -> list of (prompt_ids, response_ids), with the
     same encoding, appended eot and truncation as tokenize_pairs."""
@@ -247,6 +259,7 @@ def tokenize_sft(items, enc, block_size, min_prompt_tokens=8, verbose=True):
     if verbose:
         _report("sequences", out, block_size, cuts, skipped)
     return out
+
 
 def _fit(p, responses, block_size, min_prompt_tokens, cuts):
     """Make prompt + each response fit block_size: cut the prompt from its start
@@ -264,11 +277,13 @@ def _fit(p, responses, block_size, min_prompt_tokens, cuts):
         responses, cuts["response"] = [x[:room] for x in responses], cuts["response"] + 1
     return p, responses
 
+
 def _report(what, out, block_size, cuts, skipped):
     counts = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
     print(f"tokenized {len(out)} {what} (block_size {block_size}): prompt cut in {cuts['prompt']}, "
           f"responses cut in {cuts['response']}, skipped {sum(skipped.values())}"
           + (f" ({counts})" if counts else ""))
+
 
 def collate(examples, pad_id):
     """B (prompt, chosen, rejected) triples -> ids (2B, T) long, mask (2B, T) bool.
@@ -277,9 +292,11 @@ def collate(examples, pad_id):
     rows = [(p, c) for p, c, _ in examples] + [(p, r) for p, _, r in examples]
     return _pad(rows, pad_id)
 
+
 def collate_sft(examples, pad_id):
     """B (prompt_ids, response_ids) pairs -> ids (B, T), mask (B, T) as in collate."""
     return _pad(list(examples), pad_id)
+
 
 def _pad(rows, pad_id):
     if not rows:
@@ -288,6 +305,7 @@ def _pad(rows, pad_id):
     ids = [p + r + [pad_id] * (T - len(p) - len(r)) for p, r in rows]
     mask = [[False] * len(p) + [True] * len(r) + [False] * (T - len(p) - len(r)) for p, r in rows]
     return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+
 
 # -----------------------------------------------------------------------------
 # splits and batches
@@ -306,6 +324,7 @@ def split_by_prompt(items, val_fraction, seed, key=lambda x: x["prompt"]):
     train = [x for x in items if key(x) not in val_prompts]
     val = [x for x in items if key(x) in val_prompts]
     return train, val
+
 
 class Batches:
     """Deterministic shuffled mini-batches, resumable and sharded for DDP.
@@ -348,6 +367,7 @@ class Batches:
             raise ValueError(f"pos {d['pos']} is not a multiple of the global batch {self.global_size}")
         self.epoch, self.pos = int(d["epoch"]), int(d["pos"])
 
+
 # -----------------------------------------------------------------------------
 # the "reviews" task: movie-review continuations ranked by a sentiment lexicon
 # (after the DPO paper's IMDb experiment, but with an exact, known reward).
@@ -369,13 +389,16 @@ INTENSIFIERS = ["very", "truly"]
 JOINERS = [", and", ", but", " and"]
 P_NOT, P_INTENSIFIER = 0.15, 0.2
 
+
 def _any(words):
     return "(?:" + "|".join(map(re.escape, words)) + ")"
+
 
 _ADJP = f"(?:{_any(['not'] + INTENSIFIERS)} )?{_any(POSITIVE + NEGATIVE)}"
 _CLAUSE = f"{_any(JOINERS)} the {_any(ASPECTS)} was {_ADJP}"
 _VALID = re.compile(f" {_ADJP}(?:{_CLAUSE}){{1,3}}\\.")
 _SIGN = {**{w: 1 for w in POSITIVE}, **{w: -1 for w in NEGATIVE}}
+
 
 def reward(prompt, response):
     """Lexicon judge: +1 per positive adjective, -1 per negative one, sign
@@ -386,6 +409,7 @@ def reward(prompt, response):
     return float(sum(_SIGN[w] * (-1 if i and words[i - 1] == "not" else 1)
                      for i, w in enumerate(words) if w in _SIGN))
 
+
 def is_valid(response):
     """True iff the response (a trailing <|endoftext|> is allowed) follows the grammar exactly."""
     if not isinstance(response, str):
@@ -394,12 +418,14 @@ def is_valid(response):
         response = response[:-len(EOT)]
     return _VALID.fullmatch(response) is not None
 
+
 def _adjective_phrase(rng, p_positive):
     positive = rng.random() < p_positive  # the sentiment this phrase expresses
     if rng.random() < P_NOT:  # "not" + an adjective of the opposite sign
         return "not " + rng.choice(NEGATIVE if positive else POSITIVE)
     word = rng.choice(POSITIVE if positive else NEGATIVE)
     return f"{rng.choice(INTENSIFIERS)} {word}" if rng.random() < P_INTENSIFIER else word
+
 
 def sample_response(rng):
     """One response; its latent tone p_positive ~ Uniform(0, 1), so every sentiment occurs."""
@@ -408,6 +434,7 @@ def sample_response(rng):
     for aspect in rng.sample(ASPECTS, rng.randint(1, 3)):
         parts.append(f"{rng.choice(JOINERS)} the {aspect} was {_adjective_phrase(rng, tone)}")
     return "".join(parts) + "."
+
 
 def make_task(seed=0, n_sft=20000, n_pairs=10000, n_val_pairs=500, n_eval_prompts=256):
     """The reviews task. 16 of the 80 opener x genre combinations (2 per genre,

@@ -53,8 +53,8 @@ def response_logps(model, ids, mask):
 
 def concatenated_logps(model, ids, mask):
     """Chosen and rejected in ONE forward pass. ids/mask (2B, T): rows [0, B) are prompt+chosen,
-    rows [B, 2B) prompt+rejected. One call instead of two halves the number of kernel launches
-    and keeps both halves in the same batch statistics. Returns (chosen, rejected, n_c, n_r)."""
+    rows [B, 2B) prompt+rejected. One call instead of two: half the kernel launches, and matmuls
+    twice as tall, which run closer to the hardware's peak. Returns (chosen, rejected, n_c, n_r)."""
     logps, n = response_logps(model, ids, mask)
     B = ids.shape[0] // 2
     return logps[:B], logps[B:], n[:B], n[B:]

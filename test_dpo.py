@@ -21,6 +21,7 @@ import train
 from dpo import concatenated_logps, dpo_loss, response_logps, sequence_logps
 from model import GPT, GPTConfig, load_safetensors
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -369,6 +370,7 @@ def test_checkpoint_errors(tmp_path):
 HH_PATH = os.path.join(HERE, "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
 GPT2_PATH = os.path.join(HERE, "..", "shared", "data", "gpt2-bpe", "gpt2.tiktoken")
 
+
 # -----------------------------------------------------------------------------
 # loading
 
@@ -378,6 +380,7 @@ EXPECTED = [
      "chosen": " 6", "rejected": " 7"},
 ]
 
+
 def _write(path, text):
     if str(path).endswith(".gz"):
         with gzip.open(path, "wt", encoding="utf-8") as f:
@@ -386,11 +389,14 @@ def _write(path, text):
         path.write_text(text, encoding="utf-8")
     return path
 
+
 def _jsonl(records):
     return "".join(json.dumps(r) + "\n" for r in records)
 
+
 def _msgs(*pairs):
     return [{"role": role, "content": content} for role, content in pairs]
+
 
 def test_three_formats_load_to_the_same_pairs(tmp_path):
     """The same two pairs in explicit (.jsonl), implicit HH (.jsonl.gz) and
@@ -414,6 +420,7 @@ def test_three_formats_load_to_the_same_pairs(tmp_path):
     for path in (explicit, implicit, conv_path, whole_path):
         assert data.load_pairs(path, verbose=False) == EXPECTED, path
 
+
 def test_hh_file_loads_with_counted_skips(capsys):
     """harmless-base-test has 2,312 pairs. 4 have an empty chosen response (just
     " ") and are skipped as empty_response, so 2,308 load. In 5 pairs one
@@ -436,6 +443,7 @@ def test_hh_file_loads_with_counted_skips(capsys):
     assert len(drag) == 1 and drag[0]["chosen"].startswith(" No. Men who impersonate")
     assert drag[0]["rejected"].startswith(" A drag king is the opposite")
 
+
 BAD_INPUTS = [  # (file name, content, substrings the error must contain)
     ("bad.jsonl", '{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": oops}\n',
      ["bad.jsonl", "line 2", "invalid JSON"]),
@@ -455,6 +463,7 @@ BAD_INPUTS = [  # (file name, content, substrings the error must contain)
     ("pairs.csv", "prompt,chosen,rejected\n", ["pairs.csv", "unknown file type"]),
 ]
 
+
 @pytest.mark.parametrize("name,content,needles", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_raises_value_error_naming_file_line_and_field(tmp_path, name, content, needles):
     """Each malformed file raises ValueError whose message names the file, the
@@ -466,10 +475,12 @@ def test_bad_input_raises_value_error_naming_file_line_and_field(tmp_path, name,
     for needle in needles:
         assert needle in str(err.value), (needle, str(err.value))
 
+
 def test_missing_file_raises_file_not_found_naming_it(tmp_path):
     """A path that does not exist raises FileNotFoundError with the path in the message."""
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         data.load_pairs(tmp_path / "nope.jsonl")
+
 
 def test_empty_and_identical_responses_are_skipped_and_counted(tmp_path, capsys):
     """4 records: one good, one with a whitespace-only response, one with chosen
@@ -485,6 +496,7 @@ def test_empty_and_identical_responses_are_skipped_and_counted(tmp_path, capsys)
     assert capsys.readouterr().out.strip() == (
         "loaded 1 pairs from s.jsonl (skipped 3: empty_response=1, identical=1, prompt_mismatch=1)")
 
+
 # -----------------------------------------------------------------------------
 # tokenization and collation
 
@@ -494,6 +506,7 @@ def _toy_bpe():
     ranks.update({b"he": 256, b"ll": 257, b"hell": 258, b"hello": 259})
     return tiktoken.Encoding("toy", pat_str=data.GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 260})
+
 
 def test_toy_bpe_ids_separate_encoding_and_appended_eot():
     """With the toy BPE, "hello" -> h,e,l,l,o -> he,l,l,o -> he,ll,o -> hell,o ->
@@ -508,6 +521,7 @@ def test_toy_bpe_ids_separate_encoding_and_appended_eot():
     out = data.tokenize_pairs(pairs, enc, block_size=64, verbose=False)
     assert out == [([256, 108], [108, 111, 260], [108, 260]),
                    ([260], [32, 259, 260], [256, 260])]
+
 
 def test_collate_exact_ids_and_mask():
     """Using the two triples above with pad_id 0: rows are [p+c for each] then
@@ -526,6 +540,7 @@ def test_collate_exact_ids_and_mask():
     ids, mask = data.collate_sft([([1, 2], [3]), ([4], [5, 6, 7])], pad_id=9)
     assert ids.tolist() == [[1, 2, 3, 9], [4, 5, 6, 7]]
     assert mask.tolist() == [[F, F, T, F], [F, T, T, T]]
+
 
 def test_truncation_cuts_prompt_start_then_response_end(capsys):
     """Prompt "hello hello hello hello" -> [259, 32,259, 32,259, 32,259] (7 ids);
@@ -552,6 +567,7 @@ def test_truncation_cuts_prompt_start_then_response_end(capsys):
     assert out == ["tokenized 0 pairs (block_size 5): prompt cut in 1, responses cut in 1, skipped 1 (identical=1)",
                    "tokenized 0 pairs (block_size 4): prompt cut in 1, responses cut in 0, skipped 1 (no_room=1)"]
 
+
 def test_get_tokenizer_bytes_and_offline_gpt2():
     """"bytes": ids are UTF-8 bytes ("hé" -> 104, 0xC3, 0xA9), eot 256, n_vocab
     257, and "<|endoftext|>" in text stays plain bytes. The offline GPT-2 file
@@ -569,6 +585,7 @@ def test_get_tokenizer_bytes_and_offline_gpt2():
     assert gpt2.encode_ordinary("Hello world") == [15496, 995]
     assert (gpt2.eot_token, gpt2.n_vocab) == (50256, 50257)
 
+
 # -----------------------------------------------------------------------------
 # splits and batches
 
@@ -585,6 +602,7 @@ def test_split_by_prompt_keeps_prompts_whole_and_is_deterministic():
     two = [{"prompt": "a"}, {"prompt": "b"}]
     assert [len(s) for s in data.split_by_prompt(two, 0.01, seed=0)] == [1, 1]
     assert data.split_by_prompt(two, 0.0, seed=0) == (two, [])
+
 
 def test_batches_determinism_resume_and_rank_sharding():
     """10 examples, global batch 4 -> 2 steps an epoch, the last 2 dropped;
@@ -610,6 +628,7 @@ def test_batches_determinism_resume_and_rank_sharding():
     with pytest.raises(ValueError, match="global batch"):
         data.Batches(ex, 4, seed=0, world_size=3)
 
+
 # -----------------------------------------------------------------------------
 # the reviews task
 
@@ -624,6 +643,7 @@ def test_reward_by_hand_and_garbage():
         assert math.isfinite(data.reward("p", junk)) and not data.is_valid(junk)
     assert data.is_valid(" funny, and the plot was not dull.")
     assert data.is_valid(" funny, and the plot was not dull.<|endoftext|>")
+
 
 def test_make_task_is_deterministic_valid_and_ranked():
     """Same seed -> identical task, other seed -> different. Every generated
@@ -642,6 +662,7 @@ def test_make_task_is_deterministic_valid_and_ranked():
     assert not seen & ({p["prompt"] for p in t["val"]} | set(t["eval_prompts"]))
     assert all(p.endswith((" felt", " was", " seemed")) for p in seen)
 
+
 def test_make_task_defaults_are_fast_and_varied():
     """The default task builds in < 5 s; latent tones give every reward from
     -4 to +4 (1 + up to 3 adjectives) in the sft data; eval prompts >= 256."""
@@ -650,6 +671,7 @@ def test_make_task_defaults_are_fast_and_varied():
     assert time.time() - start < 5
     assert {data.reward(p, r) for p, r in t["sft"]} == {float(x) for x in range(-4, 5)}
     assert len(t["eval_prompts"]) >= 256
+
 
 def test_corrupted_responses_are_mostly_invalid():
     """Changing one random character breaks the grammar always (measured: 100%);
@@ -823,7 +845,7 @@ def test_closed_form_is_stationary_and_beats_alternatives(beta):
 # ================================================================================================
 # train.py: a tiny end-to-end run, resume, DDP, configuration errors, online DPO and judges
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=160", "--batch_size=8", "--sft_batch_size=16",
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=160", "--batch_size=8", "--sft_batch_size=16",
         "--eval_pairs=32", "--eval_samples=8", "--max_new_tokens=24", "--show_samples=1", "--log_interval=1",
         "--dtype=float32", "--warmup_iters=2"]
 
@@ -841,7 +863,7 @@ def read_metrics(out):
 def tiny_run(tmp_path_factory):
     """One tiny run from scratch: SFT, DPO, evaluation. Its ref.pt serves the other tests."""
     out = str(tmp_path_factory.mktemp("tiny"))
-    result = run_train(out, "--sft_iters=60", "--sft_lr=3e-3", "--dpo_iters=16", "--dpo_lr=1e-3", "--eval_interval=8")
+    result = run_train(out, "--sft_iters=80", "--sft_lr=3e-3", "--dpo_iters=16", "--dpo_lr=5e-4", "--beta=0.5", "--eval_interval=8")
     return out, result
 
 
@@ -964,3 +986,61 @@ def test_bad_judges_name_themselves(tiny_run, tmp_path, spec, message):
     ref = os.path.join(tiny_run[0], "ref.pt")
     with pytest.raises(SystemExit, match=re.escape(message)):
         run_train(tmp_path, f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=2", "--online=True", f"--judge={spec}")
+
+
+# ================================================================================================
+# speed paths must not change the numbers
+
+def test_bf16_autocast_keeps_the_loss():
+    """bf16 autocast (the CPU default where it is faster) against fp32 on the same batch, with a
+    policy that differs from its reference: log-probs are summed in fp32 (cross_entropy upcasts),
+    so the DPO loss agrees to ~1e-2 and the gradient points the same way (cosine > 0.99)."""
+    ref = tiny_model(seed=8, n_embd=64, vocab_size=257)
+    pol = tiny_model(seed=9, n_embd=64, vocab_size=257)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 257, (8, 40), generator=g)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 12:] = True
+    out = {}
+    for name, ctx in (("fp32", torch.autocast("cpu", enabled=False)), ("bf16", torch.autocast("cpu", dtype=torch.bfloat16))):
+        pol.zero_grad()
+        with ctx:
+            with torch.no_grad():
+                rc, rr, _, _ = concatenated_logps(ref, ids, mask)
+            pc, pr, _, _ = concatenated_logps(pol, ids, mask)
+            loss = dpo_loss(pc.float(), pr.float(), rc.float(), rr.float(), beta=0.1)[0].mean()
+        loss.backward()
+        out[name] = (loss.item(), torch.cat([p.grad.flatten() for p in pol.parameters()]))
+    assert abs(out["fp32"][0] - out["bf16"][0]) < 1e-2
+    assert torch.nn.functional.cosine_similarity(out["fp32"][1], out["bf16"][1], dim=0) > 0.99
+
+
+def test_bench_quick(capsys):
+    """bench.py --quick runs and ends with one JSON line holding every figure."""
+    import bench
+    bench.main(["--quick"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    res = json.loads(last)
+    assert res["ceiling_gflops"]["fp32"] > 0 and len(res["dpo_step"]) == 2
+    assert all(r["sec_per_step"] > 0 and 0 < r["mfu"] < 1.5 for r in res["dpo_step"])
+    assert [s["cache"] for s in res["sampling"]] == [True, False]
+
+
+@pytest.mark.parametrize("args, first_loss", [
+    (["--loss_type=sigmoid", "--label_smoothing=0.2", "--optimizer=rmsprop", "--precompute_ref=True"], math.log(2)),
+    (["--loss_type=ipo", "--beta=0.5"], 1.0),
+    (["--loss_type=hinge"], 1.0),
+    (["--reference_free=True"], None),
+    (["--method=preferred_ft"], None),
+])
+def test_every_loss_type_trains(tiny_run, tmp_path, args, first_loss):
+    """At DPO step 1 the policy is the reference, so h = 0 and the first loss is known by hand:
+    conservative DPO -(1-eps) log sigmoid(0) - eps log sigmoid(0) = log 2 whatever eps;
+    IPO (0 - 1/(2*0.5))^2 = 1; hinge relu(1 - 0) = 1. Reference-free DPO and Preferred-FT start
+    elsewhere (the policy's own log-likelihoods); for them the run must simply stay finite."""
+    ref = os.path.join(tiny_run[0], "ref.pt")
+    res = run_train(tmp_path, f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=3", "--eval_samples=4", *args)
+    dpo = [r for r in read_metrics(tmp_path) if r["stage"] == "dpo"]
+    if first_loss is not None:
+        assert dpo[0]["loss"] == pytest.approx(first_loss, abs=1e-5)
+    assert all(math.isfinite(r["loss"]) for r in dpo) and math.isfinite(res["val_loss"])

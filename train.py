@@ -40,19 +40,20 @@ CONFIG = dict(
     block_size=(256, "context length in tokens (scratch only; sequences are truncated to it)"),
     dropout=(0.0, "dropout in the policy; the reference never uses it"),
     # stage 1: the reference, by maximum likelihood on responses (the embedded corpus or the chosen ones)
-    sft_iters=(800, "SFT steps before DPO (0: init_from already is the reference)"),
+    sft_iters=(1200, "SFT steps before DPO (0: init_from already is the reference)"),
     sft_batch_size=(32, "sequences per SFT step"),
     sft_lr=(2e-3, "SFT peak learning rate (warm-up, then cosine decay to 10%)"),
     # stage 2: DPO
     dpo_iters=(150, "DPO optimizer steps"),
     batch_size=(32, "preference pairs per micro-step, per process"),
     grad_accum=(1, "micro-steps per optimizer step, summed over all processes"),
-    dpo_lr=(1e-4, "DPO learning rate after warm-up (the DPO paper: 1e-6 for large pretrained models)"),
+    dpo_lr=(2e-4, "DPO learning rate after warm-up (the DPO paper: 1e-6 for large pretrained models)"),
     warmup_iters=(10, "linear warm-up steps; step 0 already gets lr/warmup_iters, never 0"),
     optimizer=("adamw", "'adamw' or 'rmsprop' (the DPO paper's)"),
     weight_decay=(0.0, "AdamW weight decay on matrices"),
     grad_clip=(1.0, "clip the gradient norm to this (0: off)"),
-    beta=(0.5, "strength of the KL anchor to the reference: small beta lets the policy move further"),
+    method=("dpo", "'dpo', or 'preferred_ft': the baseline that maximises the likelihood of the chosen responses"),
+    beta=(2.0, "strength of the KL anchor to the reference: small beta lets the policy move further"),
     loss_type=("sigmoid", f"one of {LOSS_TYPES}"),
     label_smoothing=(0.0, "conservative DPO: assumed share of flipped labels, in [0, 0.5)"),
     reference_free=(False, "take log pi_ref = 0 (no reference model in the loss)"),
@@ -107,6 +108,7 @@ def parse_config(argv):
             sys.exit(f"bad value for --{key}: {val!r} is not a {kind.__name__}")
     checks = [("loss_type", cfg["loss_type"] in LOSS_TYPES, f"one of {LOSS_TYPES}"),
               ("optimizer", cfg["optimizer"] in ("adamw", "rmsprop"), "'adamw' or 'rmsprop'"),
+              ("method", cfg["method"] in ("dpo", "preferred_ft"), "'dpo' or 'preferred_ft'"),
               ("dtype", cfg["dtype"] in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
               ("beta", cfg["beta"] > 0, "> 0"), ("label_smoothing", 0 <= cfg["label_smoothing"] < 0.5, "in [0, 0.5)"),
               ("val_fraction", 0 < cfg["val_fraction"] < 1, "in (0, 1)"), ("judge", cfg["judge"] == "" or ":" in cfg["judge"], "module:function")]
@@ -115,6 +117,8 @@ def parse_config(argv):
     for key, ok, want in checks:
         if not ok:
             sys.exit(f"bad value for --{key}: {cfg[key]!r} (must be {want})")
+    if cfg["online"] and cfg["precompute_ref"]:
+        sys.exit("--precompute_ref=True needs a fixed training set; online DPO scores its fresh pairs as it goes")
     if cfg["eval_only"] and cfg["init_from"] in ("scratch", "resume"):
         sys.exit("--eval_only=True needs --init_from=<checkpoint .pt or GPT-2 folder>")
     return cfg
@@ -267,6 +271,8 @@ def main(argv):
         eval_prompts = sorted({p["prompt"] for p in val_pairs})
     if cfg["judge"]:
         judge, judge_name = load_judge(cfg["judge"]), cfg["judge"]
+    if cfg["online"] and judge is None:
+        sys.exit("--online=True needs a judge: use the reviews task or pass --judge=module:function")
     eval_prompts = (eval_prompts * math.ceil(cfg["eval_samples"] / max(1, len(eval_prompts))))[:cfg["eval_samples"]]
 
     # --------------------------------------------------------------------------------------------
@@ -284,6 +290,8 @@ def main(argv):
         sys.exit(f"the model's vocabulary ({mcfg.vocab_size}) is smaller than tokenizer {cfg['tokenizer']}'s ({enc.n_vocab})")
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {asdict(mcfg)}")
     block = mcfg.block_size
+    if cfg["max_new_tokens"] >= block:
+        sys.exit(f"bad value for --max_new_tokens: {cfg['max_new_tokens']} leaves no room for a prompt in block_size {block}")
     tok = lambda pairs: D.tokenize_pairs(pairs, enc, block, cfg["min_prompt_tokens"], verbose=master)
     train, val = tok(train_pairs), tok(val_pairs)[:cfg["eval_pairs"]]
     # the prompts keep their end and leave room for the response
@@ -317,62 +325,61 @@ def main(argv):
                 print0(f"sft {step + 1}/{cfg['sft_iters']} | nll/token {loss.item():.4f} | lr {lr:.2e} | {time.time() - t_start:.0f}s")
                 log(dict(stage="sft", step=step + 1, nll=loss.item(), lr=lr, elapsed=time.time() - t_start))
         del opt, sft_model
-    if master and not resume and not cfg["eval_only"]:
-        save_atomic(ckpt_dict(model), ref_path)
+    if not resume and not cfg["eval_only"]:
+        if master:
+            save_atomic(ckpt_dict(model), ref_path)
+        if ddp:
+            dist.barrier()  # the other ranks load it next
+    elif cfg["eval_only"]:  # the reference saved beside the checkpoint, if there is one
+        ref_path = os.path.join(os.path.dirname(os.path.abspath(cfg["init_from"])), "ref.pt")
     # the frozen reference: a copy, in eval mode, without gradients, never seen by the optimizer
-    reference = None if cfg["reference_free"] else frozen(load_model(ref_path if not cfg["eval_only"] else (
-        os.path.join(os.path.dirname(cfg["init_from"]), "ref.pt")), device))
+    reference = None
+    if not cfg["reference_free"] and os.path.isfile(ref_path):
+        reference = frozen(load_model(ref_path, device))
+    elif not cfg["reference_free"] and not cfg["eval_only"]:
+        sys.exit(f"{ref_path}: the reference is missing")
 
-    def ref_logps_of(examples, bs=64):
-        """Reference log-probs of (chosen, rejected) for each example, one concatenated pass per batch."""
-        if reference is None:
+    @torch.no_grad()
+    def score(m, seqs, bs=64):
+        """Summed response log-probs and token counts of (prompt_ids, response_ids) pairs, in batches."""
+        was_training, out = m.training, []
+        m.eval()
+        with ctx:
+            for i in range(0, len(seqs), bs):
+                ids, mask = (x.to(device) for x in D.collate_sft(seqs[i:i + bs], eot))
+                out.append([x.float() for x in response_logps(m, ids, mask)])
+        m.train(was_training)
+        return [torch.cat(x) for x in zip(*out)]
+
+    def score_pairs(m, examples):
+        """-> (chosen logps, rejected logps, chosen lengths, rejected lengths); zeros without a reference."""
+        if m is None:
             z = torch.zeros(len(examples), device=device)
-            return z, z
-        cs, rs = [], []
-        with torch.no_grad(), ctx:
-            for i in range(0, len(examples), bs):
-                ids, mask = (x.to(device) for x in D.collate(examples[i:i + bs], eot))
-                c, r, _, _ = concatenated_logps(reference, ids, mask)
-                cs.append(c.float())
-                rs.append(r.float())
-        return torch.cat(cs), torch.cat(rs)
+            return z, z, z, z
+        lp, n = score(m, [(p, c) for p, c, _ in examples] + [(p, r) for p, _, r in examples])
+        B = len(examples)
+        return lp[:B], lp[B:], n[:B], n[B:]
 
     # --------------------------------------------------------------------------------------------
     # evaluation: held-out preferences, and samples from policy and reference scored by the judge
-    val_ref = ref_logps_of(val)
+    val_ref = score_pairs(reference, val)[:2]
 
-    @torch.no_grad()
     def preference_eval(m):
-        m.eval()
-        parts = []
-        with ctx:
-            for i in range(0, len(val), 64):
-                ids, mask = (x.to(device) for x in D.collate(val[i:i + 64], eot))
-                parts.append([x.float() for x in concatenated_logps(m, ids, mask)])
-        m.train()
-        pc, pr, nc, nr = (torch.cat(x) for x in zip(*parts))
+        pc, pr, nc, nr = score_pairs(m, val)
         losses, rw, rl = dpo_loss(pc, pr, *val_ref, cfg["beta"], cfg["loss_type"], cfg["label_smoothing"], nc, nr)
         return dict(val_loss=losses.mean().item(), pref_accuracy=(rw > rl).float().mean().item(),
                     val_margin=(rw - rl).mean().item())
 
     def sample(m, prompt_ids, seed, bs=128):
+        was_training, outs = m.training, []
         m.eval()
         g = torch.Generator(device=device).manual_seed(seed)
-        outs = []
         with ctx:
             for i in range(0, len(prompt_ids), bs):
                 outs += m.generate(prompt_ids[i:i + bs], cfg["max_new_tokens"], cfg["temperature"],
                                    cfg["top_k"] or None, eot, generator=g)
+        m.train(was_training)
         return outs
-
-    @torch.no_grad()
-    def seq_logps(m, prompt_ids, resp_ids, bs=128):
-        lps = []
-        with ctx:
-            for i in range(0, len(resp_ids), bs):
-                ids, mask = (x.to(device) for x in D.collate_sft(list(zip(prompt_ids[i:i + bs], resp_ids[i:i + bs])), eot))
-                lps.append(response_logps(m, ids, mask)[0].float())
-        return torch.cat(lps)
 
     def text(resp):
         return enc.decode(resp[:-1] if resp and resp[-1] == eot else resp)
@@ -385,7 +392,7 @@ def main(argv):
         if reference is not None:
             ref = sample(reference, eval_ids, cfg["seed"] + 2)
             # KL(pi || pi_ref) estimated on the policy's own samples: E[log pi(y) - log pi_ref(y)]
-            res["kl"] = (seq_logps(m, eval_ids, pol) - seq_logps(reference, eval_ids, pol)).mean().item()
+            res["kl"] = (score(m, list(zip(eval_ids, pol)))[0] - score(reference, list(zip(eval_ids, pol)))[0]).mean().item()
             res["reference_mean_length"] = sum(map(len, ref)) / len(ref)
         pol_t = [text(r) for r in pol]
         ref_t = [text(r) for r in ref] if reference is not None else None
@@ -393,11 +400,12 @@ def main(argv):
             wins = [call_judge(judge, judge_name, p, a, b) for p, a, b in zip(eval_prompts, pol_t, ref_t)]
             res["win_rate"] = sum(1.0 if w == 0 else 0.5 if w is None else 0.0 for w in wins) / len(wins)
         if cfg["data"] == D.TASK_NAME:
-            rw = task["reward"]
-            res["policy_reward"] = sum(rw(p, r) for p, r in zip(eval_prompts, pol_t)) / len(pol_t)
-            res["reference_reward"] = sum(rw(p, r) for p, r in zip(eval_prompts, ref_t)) / len(ref_t)
-            res["valid_fraction"] = sum(map(is_valid, pol_t)) / len(pol_t)
-            res["reference_valid_fraction"] = sum(map(is_valid, ref_t)) / len(ref_t)
+            mean = lambda xs: sum(xs) / len(xs)
+            res["policy_reward"] = mean([task["reward"](p, r) for p, r in zip(eval_prompts, pol_t)])
+            res["valid_fraction"] = mean([is_valid(r) for r in pol_t])
+            if ref_t:
+                res["reference_reward"] = mean([task["reward"](p, r) for p, r in zip(eval_prompts, ref_t)])
+                res["reference_valid_fraction"] = mean([is_valid(r) for r in ref_t])
         for i in range(min(cfg["show_samples"], len(pol_t))):
             print0(f"--- prompt: {eval_prompts[i]!r}\n    reference: {ref_t[i] if ref_t else '-'!r}\n    policy:    {pol_t[i]!r}")
         res["sample_seconds"] = time.time() - t0
@@ -426,7 +434,7 @@ def main(argv):
         ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
         policy.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
-        loader.load_state_dict(ck["data"])
+        loader.load_state_dict(ck["data"]["pairs"])
         step = ck["step"]
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(ck["rng"]["python"])
@@ -434,19 +442,22 @@ def main(argv):
     train_ref = None
     if cfg["precompute_ref"] and reference is not None:
         t0 = time.time()
-        train_ref = ref_logps_of(train)
+        train_ref = score_pairs(reference, train)[:2]
         print0(f"precomputed reference log-probs of {len(train)} pairs in {time.time() - t0:.1f}s; reference dropped")
         reference = None  # freed; it is loaded again for the final evaluation
     if cfg["online"]:
-        prompt_loader = D.Batches(sorted({tuple(p) for p, _, _ in train}), cfg["batch_size"], cfg["seed"], rank, world)
+        room = block - cfg["max_new_tokens"]  # prompts keep their end and leave room to sample
+        prompt_loader = D.Batches(sorted({tuple(p[-room:]) for p, _, _ in train}), cfg["batch_size"], cfg["seed"], rank, world)
         online_stats = dict(pairs=0, ties=0)
+        if resume:
+            prompt_loader.load_state_dict(ck["data"]["prompts"])
+            online_stats = ck["data"]["online_stats"]
 
     def online_batch():
         """Two fresh samples per prompt from the current policy; the judge picks, ties are skipped."""
         prompts = [list(p) for p in prompt_loader.next()]
-        a = sample(policy, prompts, random.randrange(2**31))
-        b = sample(policy, prompts, random.randrange(2**31))
-        policy.train()
+        both = sample(policy, prompts + prompts, random.randrange(2**31))  # one batched call
+        a, b = both[:len(prompts)], both[len(prompts):]
         batch = []
         for p, ra, rb in zip(prompts, a, b):
             w = call_judge(judge, judge_name, enc.decode(p), text(ra), text(rb))
@@ -456,6 +467,11 @@ def main(argv):
                 batch.append((p, ra, rb) if w == 0 else (p, rb, ra))
         online_stats["pairs"] += len(batch)
         return batch
+
+    def data_state():
+        if not cfg["online"]:
+            return dict(pairs=loader.state_dict())
+        return dict(pairs=loader.state_dict(), prompts=prompt_loader.state_dict(), online_stats=dict(online_stats))
 
     raw, train_model = policy, DDP(policy) if ddp else policy
     if cfg["compile"]:
@@ -470,7 +486,7 @@ def main(argv):
         for micro in range(accum):
             if cfg["online"]:
                 examples, ref_c, ref_r = online_batch(), None, None
-                if not examples:
+                if not examples:  # every pair a tie (under DDP the ranks would then disagree: rare, not handled)
                     continue
             else:
                 idx = loader.next()
@@ -489,6 +505,8 @@ def main(argv):
                                               ref_r if ref_r is None else ref_r.float(), cfg["beta"], cfg["loss_type"],
                                               cfg["label_smoothing"], nc.float(), nr.float())
                     loss = losses.mean() / accum
+                    if cfg["method"] == "preferred_ft":  # same batches and steps, no rejected side
+                        loss = -pc.sum() / nc.sum() / accum
                 if not torch.isfinite(loss):
                     bad = "policy log-probs" if not torch.isfinite(pc).all() or not torch.isfinite(pr).all() else "loss"
                     sys.exit(f"non-finite {bad} at DPO step {step}; stopped, the last good checkpoint is {out}/ckpt.pt")
@@ -524,7 +542,7 @@ def main(argv):
             print0(f"eval {step}: val loss {rec['val_loss']:.4f} | implicit-reward accuracy {rec['pref_accuracy']:.3f} | margin {rec['val_margin']:+.3f}")
             log(rec)
         if master and (step % cfg["ckpt_interval"] == 0 or step == last_step):
-            save_atomic(dict(ckpt_dict(raw), optimizer=optimizer.state_dict(), step=step, data=loader.state_dict(),
+            save_atomic(dict(ckpt_dict(raw), optimizer=optimizer.state_dict(), step=step, data=data_state(),
                              rng=dict(torch=torch.get_rng_state(), python=random.getstate())), os.path.join(out, "ckpt.pt"))
 
     # --------------------------------------------------------------------------------------------

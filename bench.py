@@ -1,0 +1,191 @@
+"""
+How fast is a DPO step, against what this machine can do at most?
+
+  python bench.py            # the full table (a few minutes on a 2-core CPU)
+  python bench.py --quick    # a seconds-long subset (the test suite runs this)
+  python bench.py --compile  # torch.compile the policy (worth it on a GPU)
+
+Measures, after warm-up, the median over steps of: the matmul ceiling (GFLOP/s of one large
+matmul, fp32 and bf16); a full DPO training step (policy forward+backward on chosen and rejected
+concatenated, reference forward or precomputed log-probs, the loss, an AdamW step) for two model
+shapes, two dtypes and both kinds of reference; and KV-cached against uncached sampling.
+MFU = useful FLOPs / (seconds x the measured ceiling of the dtype), with useful FLOPs per token
+6N + 12*L*T*C for the trained policy and 2N + 4*L*T*C for the reference (N: parameters in
+matmuls, lm_head included; the attention terms as in the PaLM paper's appendix).
+Ends with one JSON line of every figure.
+"""
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from dpo import concatenated_logps, dpo_loss
+from model import GPT, GPTConfig
+
+SHAPES = {  # name: (n_layer, n_head, n_embd, vocab_size)
+    "tiny": (4, 4, 128, 257),
+    "gpt2-small": (12, 12, 768, 50257),
+}
+PAIRS, PROMPT, RESPONSE = 16, 32, 64
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, steps, warmup, device):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def reset_peak_memory(device):
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_memory_mb(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+def matmul_ceiling(dtype, device, n, steps):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / median_time(lambda: a @ b, steps, 2, device) / 1e9
+
+
+def make_batch(vocab, device, seed=0):
+    """16 pairs of 32 prompt + 64 response tokens, stacked (2B, T) as train.py feeds them."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (PAIRS, PROMPT), generator=g)
+    ids = torch.cat([torch.cat([prompt, torch.randint(0, vocab, (PAIRS, RESPONSE), generator=g)], 1)
+                     for _ in range(2)]).to(device)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, PROMPT:] = True
+    return ids, mask
+
+
+def bench_dpo_step(shape, dtype, precomputed, device, steps, compile_model):
+    L, H, C, V = SHAPES[shape]
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=V, block_size=PROMPT + RESPONSE, n_layer=L, n_head=H, n_embd=C)
+    policy = GPT(cfg).to(device)
+    reference = GPT(cfg).to(device).eval().requires_grad_(False)
+    reference.load_state_dict(policy.state_dict())
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5, fused=device == "cuda")
+    model = torch.compile(policy) if compile_model else policy
+    ids, mask = make_batch(V, device)
+    ctx = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    with torch.no_grad(), ctx:
+        ref_c, ref_r, _, _ = concatenated_logps(reference, ids, mask)
+    losses = []
+
+    def step():
+        with ctx:
+            if precomputed:
+                rc, rr = ref_c, ref_r
+            else:
+                with torch.no_grad():
+                    rc, rr, _, _ = concatenated_logps(reference, ids, mask)
+            pc, pr, _, _ = concatenated_logps(model, ids, mask)
+            loss = dpo_loss(pc.float(), pr.float(), rc.float(), rr.float(), beta=0.1)[0].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    reset_peak_memory(device)
+    sec = median_time(step, steps, 2, device)
+    T, tokens = PROMPT + RESPONSE, ids.numel()
+    N = policy.num_params()  # non-embedding: wte counted once, as the output layer's matmul
+    flops = tokens * (6 * N + 12 * L * T * C) + (0 if precomputed else tokens * (2 * N + 4 * L * T * C))
+    return dict(shape=shape, dtype=dtype, reference="precomputed" if precomputed else "live", sec_per_step=sec,
+                pairs_per_s=PAIRS / sec, tokens_per_s=tokens / sec, tflop_per_step=flops / 1e12,
+                peak_mem_mb=peak_memory_mb(device), first_losses=losses[:3])
+
+
+def bench_sampling(shape, device, n_new, use_cache, dtype):
+    L, H, C, V = SHAPES[shape]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=PROMPT + n_new, n_layer=L, n_head=H, n_embd=C)).to(device).eval()
+    prompts = torch.randint(0, V, (16, PROMPT)).tolist()
+    ctx = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+    def run():
+        with ctx:
+            model.generate(prompts, n_new, temperature=1.0, use_cache=use_cache,
+                           generator=torch.Generator(device=device).manual_seed(0))
+
+    sec = median_time(run, 1 if not use_cache else 3, 1, device)
+    return dict(shape=shape, dtype=dtype, cache=use_cache, new_tokens=16 * n_new, sec=sec, tokens_per_s=16 * n_new / sec)
+
+
+def main(argv):
+    quick, compile_model = "--quick" in argv, "--compile" in argv
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 1024 if quick else (8192 if device == "cuda" else 2048)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, quick={quick}, compile={compile_model}")
+    ceiling = {dt: matmul_ceiling(d, device, n, 3 if quick else 10) for dt, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"matmul ceiling ({n}x{n}): fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s")
+
+    rows = []
+    shapes = ["tiny"] if quick else list(SHAPES)
+    dtypes = ["fp32"] if quick else ["fp32", "bf16"]
+    print(f"\nDPO step: {PAIRS} pairs x ({PROMPT} prompt + {RESPONSE} response tokens), AdamW")
+    print(f"{'shape':<11} {'dtype':<5} {'reference':<11} {'s/step':>8} {'pairs/s':>8} {'tokens/s':>9} {'peak MB':>8} {'MFU':>6}")
+    for shape in shapes:
+        for dtype in dtypes:
+            for pre in (False, True):
+                r = bench_dpo_step(shape, dtype, pre, device, 2 if quick else (5 if shape != "tiny" else 10), compile_model)
+                r["mfu"] = r["tflop_per_step"] * 1e3 / r["sec_per_step"] / ceiling[dtype]
+                rows.append(r)
+                print(f"{shape:<11} {dtype:<5} {r['reference']:<11} {r['sec_per_step']:8.3f} {r['pairs_per_s']:8.1f} "
+                      f"{r['tokens_per_s']:9.0f} {r['peak_mem_mb']:8.0f} {r['mfu']:6.1%}")
+    for shape in shapes:  # the same first steps in both dtypes: bf16 must not change the loss
+        a = next(r for r in rows if r["shape"] == shape and r["dtype"] == "fp32" and r["reference"] == "live")
+        b = next((r for r in rows if r["shape"] == shape and r["dtype"] == "bf16" and r["reference"] == "live"), None)
+        if b:
+            diff = max(abs(x - y) for x, y in zip(a["first_losses"], b["first_losses"]))
+            print(f"{shape}: bf16 step {a['sec_per_step'] / b['sec_per_step']:.2f}x faster than fp32; "
+                  f"first losses {a['first_losses'][0]:.5f} vs {b['first_losses'][0]:.5f}, max |diff| over 3 steps {diff:.5f}")
+        p = next(r for r in rows if r["shape"] == shape and r["dtype"] == a["dtype"] and r["reference"] == "precomputed")
+        print(f"{shape}: precomputed reference {a['sec_per_step'] / p['sec_per_step']:.2f}x the step rate of a live one (fp32)")
+
+    n_new = 32 if quick else 256
+    sampling = []
+    print(f"\nsampling: 16 prompts x {n_new} new tokens")
+    for shape in ["tiny"] if quick or device == "cpu" else list(SHAPES):
+        for use_cache in (True, False):
+            s = bench_sampling(shape, device, n_new, use_cache, "fp32")
+            sampling.append(s)
+            print(f"{shape:<11} cache={str(use_cache):<5} {s['sec']:7.2f} s {s['tokens_per_s']:9.0f} new tokens/s")
+        print(f"{shape}: the KV cache samples {sampling[-2]['tokens_per_s'] / sampling[-1]['tokens_per_s']:.1f}x faster")
+    print(json.dumps(dict(device=device, torch=torch.__version__, quick=quick, compile=compile_model,
+                          ceiling_gflops=ceiling, dpo_step=rows, sampling=sampling)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
