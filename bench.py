@@ -9,9 +9,10 @@ Measures, after warm-up, the median over steps of: the matmul ceiling (GFLOP/s o
 matmul, fp32 and bf16); a full DPO training step (policy forward+backward on chosen and rejected
 concatenated, reference forward or precomputed log-probs, the loss, an AdamW step) for two model
 shapes, two dtypes and both kinds of reference; and KV-cached against uncached sampling.
-MFU = useful FLOPs / (seconds x the measured ceiling of the dtype), with useful FLOPs per token
-6N + 12*L*T*C for the trained policy and 2N + 4*L*T*C for the reference (N: parameters in
-matmuls, lm_head included; the attention terms as in the PaLM paper's appendix).
+MFU = useful FLOPs / (seconds x the measured ceiling of the dtype). Useful FLOPs per token: 6N + 12*L*T*C
+for the trained policy and 2N + 4*L*T*C for the reference (N: matmul parameters of the blocks; the
+attention terms as in the PaLM paper's appendix), plus 6*V*C (policy) and 2*V*C (reference) for the
+output layer at each position that predicts a response token: the prompt's logits are never needed.
 Ends with one JSON line of every figure.
 """
 import json
@@ -119,9 +120,11 @@ def bench_dpo_step(shape, dtype, precomputed, device, steps, compile_model):
 
     reset_peak_memory(device)
     sec = median_time(step, steps, 2, device)
-    T, tokens = PROMPT + RESPONSE, ids.numel()
-    N = policy.num_params()  # non-embedding: wte counted once, as the output layer's matmul
-    flops = tokens * (6 * N + 12 * L * T * C) + (0 if precomputed else tokens * (2 * N + 4 * L * T * C))
+    T, tokens, scored = PROMPT + RESPONSE, ids.numel(), int(mask[:, 1:].sum())
+    N = policy.num_params() - V * C  # matmul parameters of the blocks; the output layer is counted apart
+    # the output layer is only needed (and only run) at the positions that predict a response token
+    fwd = 2 * (tokens * (N + 2 * L * T * C) + scored * V * C)
+    flops = 3 * fwd + (0 if precomputed else fwd)  # backward costs twice the forward
     return dict(shape=shape, dtype=dtype, reference="precomputed" if precomputed else "live", sec_per_step=sec,
                 pairs_per_s=PAIRS / sec, tokens_per_s=tokens / sec, tflop_per_step=flops / 1e12,
                 peak_mem_mb=peak_memory_mb(device), first_losses=losses[:3])

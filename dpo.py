@@ -34,6 +34,7 @@ def sequence_logps(logits, ids, mask):
     targets = torch.full_like(ids, -100)
     targets[:, :-1] = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
     # cross_entropy fuses log_softmax and the gather and keeps one (B*T, V) tensor for backward
+    # (under bf16 autocast the .float() adds one fp32 copy: log-probs are summed in fp32)
     nll = F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(-1), reduction="none")
     return -nll.view(B, T).sum(1), mask[:, 1:].sum(1)
 
@@ -44,7 +45,7 @@ def response_logps(model, ids, mask):
     B = ids.shape[0]
     scored = torch.zeros_like(mask)
     scored[:, :-1] = mask[:, 1:]                      # position t-1 predicts response token t
-    logits = model(ids, positions=scored)             # (N, V), rows in row-major order of `scored`
+    logits = model(ids, select=scored)             # (N, V), rows in row-major order of `scored`
     nll = F.cross_entropy(logits.float(), ids[:, 1:][mask[:, 1:]], reduction="none")  # (N,)
     rows = scored.nonzero()[:, 0]
     logps = torch.zeros(B, dtype=nll.dtype, device=nll.device).index_add(0, rows, -nll)

@@ -141,8 +141,8 @@ class GPT(nn.Module):
                 c["pos"] += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, positions=None):
-        """Logits (B, T, vocab) for token ids (B, T); with a boolean `positions` (B, T), only the
+    def forward(self, idx, select=None):
+        """Logits (B, T, vocab) for token ids (B, T); with a boolean `select` (B, T), only the
         logits of the selected positions, (N, vocab) in row-major order: DPO scores only the
         response, and the output layer is the costliest matmul for a 50k vocabulary.
 
@@ -150,7 +150,7 @@ class GPT(nn.Module):
         never sees the padding that comes after it, and the padded positions' own outputs are
         masked out of every loss."""
         h = self.hidden(idx)  # (B, T, C)
-        return self.lm_head(h if positions is None else h[positions])
+        return self.lm_head(h if select is None else h[select])
 
     # ----------------------------------------------------------------------------------------
     # sampling

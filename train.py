@@ -10,7 +10,6 @@ Direct Preference Optimization against that frozen reference, then measure what 
 import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -41,19 +40,19 @@ CONFIG = dict(
     dropout=(0.0, "dropout in the policy; the reference never uses it"),
     # stage 1: the reference, by maximum likelihood on responses (the embedded corpus or the chosen ones)
     sft_iters=(1200, "SFT steps before DPO (0: init_from already is the reference)"),
-    sft_batch_size=(32, "sequences per SFT step"),
-    sft_lr=(2e-3, "SFT peak learning rate (warm-up, then cosine decay to 10%)"),
+    sft_batch_size=(32, "sequences per SFT step, per process"),
+    sft_lr=(3e-3, "SFT peak learning rate (warm-up, then cosine decay to 10%)"),
     # stage 2: DPO
     dpo_iters=(150, "DPO optimizer steps"),
     batch_size=(32, "preference pairs per micro-step, per process"),
     grad_accum=(1, "micro-steps per optimizer step, summed over all processes"),
-    dpo_lr=(2e-4, "DPO learning rate after warm-up (the DPO paper: 1e-6 for large pretrained models)"),
+    dpo_lr=(1e-4, "DPO learning rate after warm-up (the DPO paper: 1e-6 for large pretrained models)"),
     warmup_iters=(10, "linear warm-up steps; step 0 already gets lr/warmup_iters, never 0"),
     optimizer=("adamw", "'adamw' or 'rmsprop' (the DPO paper's)"),
     weight_decay=(0.0, "AdamW weight decay on matrices"),
     grad_clip=(1.0, "clip the gradient norm to this (0: off)"),
     method=("dpo", "'dpo', or 'preferred_ft': the baseline that maximises the likelihood of the chosen responses"),
-    beta=(2.0, "strength of the KL anchor to the reference: small beta lets the policy move further"),
+    beta=(1.0, "strength of the KL anchor to the reference: small beta lets the policy move further"),
     loss_type=("sigmoid", f"one of {LOSS_TYPES}"),
     label_smoothing=(0.0, "conservative DPO: assumed share of flipped labels, in [0, 0.5)"),
     reference_free=(False, "take log pi_ref = 0 (no reference model in the loss)"),
@@ -112,8 +111,13 @@ def parse_config(argv):
               ("dtype", cfg["dtype"] in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
               ("beta", cfg["beta"] > 0, "> 0"), ("label_smoothing", 0 <= cfg["label_smoothing"] < 0.5, "in [0, 0.5)"),
               ("val_fraction", 0 < cfg["val_fraction"] < 1, "in (0, 1)"), ("judge", cfg["judge"] == "" or ":" in cfg["judge"], "module:function")]
-    checks += [(k, cfg[k] > 0, "> 0") for k in ("batch_size", "sft_batch_size", "grad_accum", "dpo_lr", "block_size", "max_new_tokens")]
-    checks += [(k, cfg[k] >= 0, ">= 0") for k in ("sft_iters", "dpo_iters", "warmup_iters", "sft_lr", "grad_clip", "stop_at", "top_k")]
+    checks += [("label_smoothing", cfg["label_smoothing"] == 0 or cfg["loss_type"] == "sigmoid", "0 unless loss_type is sigmoid"),
+               ("dropout", 0 <= cfg["dropout"] < 1, "in [0, 1)")]
+    checks += [(k, cfg[k] > 0, "> 0") for k in ("batch_size", "sft_batch_size", "grad_accum", "dpo_lr", "block_size",
+                                                  "max_new_tokens", "log_interval", "eval_interval", "ckpt_interval",
+                                                  "eval_samples", "eval_pairs")]
+    checks += [(k, cfg[k] >= 0, ">= 0") for k in ("sft_iters", "dpo_iters", "warmup_iters", "sft_lr", "grad_clip",
+                                                   "stop_at", "top_k", "temperature")]
     for key, ok, want in checks:
         if not ok:
             sys.exit(f"bad value for --{key}: {cfg[key]!r} (must be {want})")
@@ -240,11 +244,10 @@ def main(argv):
                                dev_type == "cpu" and cpu_has_bf16()) else "float32"
     ctx = torch.autocast(dev_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     torch.manual_seed(cfg["seed"] + rank)
-    random.seed(cfg["seed"] + rank)
     out = cfg["out_dir"]
     os.makedirs(out, exist_ok=True)
     print0(json.dumps(dict(cfg, resolved_device=device, resolved_dtype=dtype, world_size=world), indent=1))
-    if master:
+    if master and not cfg["eval_only"]:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
     metrics_file = open(os.path.join(out, "metrics.jsonl"), "a") if master else None
@@ -286,8 +289,9 @@ def main(argv):
     else:
         model = load_model(ref_path if resume else cfg["init_from"], device, cfg["dropout"])
     mcfg = model.config
-    if mcfg.vocab_size < enc.n_vocab:
-        sys.exit(f"the model's vocabulary ({mcfg.vocab_size}) is smaller than tokenizer {cfg['tokenizer']}'s ({enc.n_vocab})")
+    if mcfg.vocab_size != enc.n_vocab:
+        sys.exit(f"the model's vocabulary ({mcfg.vocab_size}) does not match tokenizer {cfg['tokenizer']!r} ({enc.n_vocab} tokens); "
+                 f"pass the tokenizer the model was trained with, e.g. --tokenizer=../shared/data/gpt2-bpe/gpt2.tiktoken for GPT-2")
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {asdict(mcfg)}")
     block = mcfg.block_size
     if cfg["max_new_tokens"] >= block:
@@ -338,6 +342,8 @@ def main(argv):
         reference = frozen(load_model(ref_path, device))
     elif not cfg["reference_free"] and not cfg["eval_only"]:
         sys.exit(f"{ref_path}: the reference is missing")
+    elif not cfg["reference_free"]:
+        print0(f"no reference at {ref_path}: evaluating without reference comparisons")
 
     @torch.no_grad()
     def score(m, seqs, bs=64):
@@ -436,8 +442,9 @@ def main(argv):
         optimizer.load_state_dict(ck["optimizer"])
         loader.load_state_dict(ck["data"]["pairs"])
         step = ck["step"]
-        torch.set_rng_state(ck["rng"]["torch"])
-        random.setstate(ck["rng"]["python"])
+        torch.set_rng_state(ck["rng"]["torch"])  # dropout masks (rank 0's state; exact when dropout=0)
+        if ck["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         print0(f"resumed from {out}/ckpt.pt at step {step}")
     train_ref = None
     if cfg["precompute_ref"] and reference is not None:
@@ -453,20 +460,24 @@ def main(argv):
             prompt_loader.load_state_dict(ck["data"]["prompts"])
             online_stats = ck["data"]["online_stats"]
 
-    def online_batch():
-        """Two fresh samples per prompt from the current policy; the judge picks, ties are skipped."""
+    def online_batch(step, micro):
+        """Two fresh samples per prompt from the current policy; the judge picks, ties are dropped.
+        The sampling seed is a function of (seed, step, micro-step, rank), so a resumed run draws
+        exactly what an uninterrupted one would have."""
         prompts = [list(p) for p in prompt_loader.next()]
-        both = sample(policy, prompts + prompts, random.randrange(2**31))  # one batched call
-        a, b = both[:len(prompts)], both[len(prompts):]
-        batch = []
-        for p, ra, rb in zip(prompts, a, b):
-            w = call_judge(judge, judge_name, enc.decode(p), text(ra), text(rb))
-            if w is None or ra == rb:
-                online_stats["ties"] += 1
-            else:
-                batch.append((p, ra, rb) if w == 0 else (p, rb, ra))
-        online_stats["pairs"] += len(batch)
-        return batch
+        for attempt in range(10):  # an all-tie batch is drawn again, so every rank has pairs to train on
+            both = sample(policy, prompts + prompts, hash((cfg["seed"], step, micro, rank, attempt)) % 2**31)
+            batch = []
+            for p, ra, rb in zip(prompts, both[:len(prompts)], both[len(prompts):]):
+                w = call_judge(judge, judge_name, enc.decode(p), text(ra), text(rb))
+                if w is None or ra == rb:
+                    online_stats["ties"] += 1
+                else:
+                    batch.append((p, ra, rb) if w == 0 else (p, rb, ra))
+            online_stats["pairs"] += len(batch)
+            if batch:
+                return batch
+        sys.exit(f"the judge {judge_name} called every pair a tie, 10 times in a row, at DPO step {step + 1}")
 
     def data_state():
         if not cfg["online"]:
@@ -477,52 +488,51 @@ def main(argv):
     if cfg["compile"]:
         train_model = torch.compile(train_model)
     last_step = min(cfg["dpo_iters"], cfg["stop_at"] or cfg["dpo_iters"])
-    t_loop, t_log, pairs_seen, tokens_seen = time.time(), time.time(), 0, 0
+    t_loop, t_log, pairs_seen, tokens_seen, first_step = time.time(), time.time(), 0, 0, step
     while step < last_step:
         lr = lr_at(step, cfg["dpo_lr"], cfg["warmup_iters"], cfg["dpo_iters"], cosine=False)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        stats = torch.zeros(7, device=device)
+        stats = torch.zeros(6, device=device)
         for micro in range(accum):
             if cfg["online"]:
-                examples, ref_c, ref_r = online_batch(), None, None
-                if not examples:  # every pair a tie (under DDP the ranks would then disagree: rare, not handled)
-                    continue
+                examples, ref_c, ref_r = online_batch(step, micro), None, None
             else:
                 idx = loader.next()
                 examples = [train[i] for i in idx]
                 if train_ref is not None:
                     ref_c, ref_r = train_ref[0][idx], train_ref[1][idx]
             ids, mask = (x.to(device) for x in D.collate(examples, eot))
-            if train_ref is None:
+            if train_ref is None and reference is not None:
                 with torch.no_grad(), ctx:
-                    ref_c, ref_r = (None, None) if reference is None else concatenated_logps(reference, ids, mask)[:2]
+                    ref_c, ref_r = (x.float() for x in concatenated_logps(reference, ids, mask)[:2])
             sync = nullcontext() if not ddp or micro == accum - 1 else train_model.no_sync()
             with sync:
                 with ctx:
-                    pc, pr, nc, nr = concatenated_logps(train_model, ids, mask)
-                    losses, rw, rl = dpo_loss(pc.float(), pr.float(), ref_c if ref_c is None else ref_c.float(),
-                                              ref_r if ref_r is None else ref_r.float(), cfg["beta"], cfg["loss_type"],
-                                              cfg["label_smoothing"], nc.float(), nr.float())
-                    loss = losses.mean() / accum
+                    pc, pr, nc, nr = (x.float() for x in concatenated_logps(train_model, ids, mask))
+                    losses, rw, rl = dpo_loss(pc, pr, ref_c, ref_r, cfg["beta"], cfg["loss_type"],
+                                              cfg["label_smoothing"], nc, nr)
+                    # summed over pairs, divided by the pairs a full step holds: online steps with
+                    # fewer pairs (ties dropped) move the weights less, not with a larger weight each
+                    loss = losses.sum() / (cfg["batch_size"] * accum)
                     if cfg["method"] == "preferred_ft":  # same batches and steps, no rejected side
                         loss = -pc.sum() / nc.sum() / accum
-                if not torch.isfinite(loss):
-                    bad = "policy log-probs" if not torch.isfinite(pc).all() or not torch.isfinite(pr).all() else "loss"
-                    sys.exit(f"non-finite {bad} at DPO step {step}; stopped, the last good checkpoint is {out}/ckpt.pt")
                 loss.backward()
-            stats += torch.stack([loss.detach() * accum, rw.mean(), rl.mean(), (rw > rl).float().mean(),
-                                  pc.detach().float().mean(), pr.detach().float().mean(), torch.tensor(1.0)]) / accum
+            shown = loss.detach() * accum if cfg["method"] == "preferred_ft" else losses.detach().mean()
+            stats += torch.stack([shown, rw.mean(), rl.mean(), (rw > rl).float().mean(),
+                                  pc.detach().mean(), pr.detach().mean()]) / accum
             pairs_seen += len(examples) * world
-            tokens_seen += int(mask.shape[0] * mask.shape[1]) * world
+            tokens_seen += mask.numel() * world
+        # gradients are identical on every rank after the all-reduce, so every rank stops together
         gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
         if not torch.isfinite(gnorm):
-            sys.exit(f"non-finite gradient norm at DPO step {step}; stopped, the last good checkpoint is {out}/ckpt.pt")
+            what = "loss" if not torch.isfinite(stats[0]) else "gradient norm"
+            sys.exit(f"non-finite {what} at DPO step {step + 1}; stopped, the last good checkpoint is {out}/ckpt.pt")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if step % cfg["log_interval"] == 0 or step == last_step:
-            s = (stats / stats[6].clamp(min=1e-9)).tolist()  # micro-steps that had a batch
+            s = stats.tolist()
             dt = time.time() - t_log
             rec = dict(stage="dpo", step=step, loss=s[0], **{"rewards/chosen": s[1], "rewards/rejected": s[2],
                        "rewards/margins": s[1] - s[2], "rewards/accuracies": s[3], "logps/chosen": s[4],
@@ -530,20 +540,24 @@ def main(argv):
                        tokens_per_s=tokens_seen / dt, elapsed=time.time() - t_start)
             if cfg["online"]:
                 rec.update(online_pairs=online_stats["pairs"], online_ties=online_stats["ties"])
-            eta = (time.time() - t_loop) / (step - (ck["step"] if resume else 0)) * (last_step - step)
+            eta = (time.time() - t_loop) / (step - first_step) * (last_step - step)
             print0(f"dpo {step}/{cfg['dpo_iters']} | loss {s[0]:.4f} | r/chosen {s[1]:+.3f} r/rejected {s[2]:+.3f} "
                    f"margin {s[1] - s[2]:+.3f} acc {s[3]:.2f} | logps {s[4]:.1f}/{s[5]:.1f} | gnorm {gnorm.item():.2f} "
                    f"| lr {lr:.1e} | {rec['pairs_per_s']:.0f} pairs/s {rec['tokens_per_s']:.0f} tok/s | "
                    f"{rec['elapsed']:.0f}s, eta {eta:.0f}s")
             log(rec)
             t_log, pairs_seen, tokens_seen = time.time(), 0, 0
+        t_aside = time.time()  # evaluation and checkpoints do not count against the training rate
         if master and (step % cfg["eval_interval"] == 0 or step == last_step):
             rec = dict(stage="eval", step=step, **preference_eval(raw))
             print0(f"eval {step}: val loss {rec['val_loss']:.4f} | implicit-reward accuracy {rec['pref_accuracy']:.3f} | margin {rec['val_margin']:+.3f}")
             log(rec)
         if master and (step % cfg["ckpt_interval"] == 0 or step == last_step):
-            save_atomic(dict(ckpt_dict(raw), optimizer=optimizer.state_dict(), step=step, data=data_state(),
-                             rng=dict(torch=torch.get_rng_state(), python=random.getstate())), os.path.join(out, "ckpt.pt"))
+            rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if dev_type == "cuda" else [])
+            save_atomic(dict(ckpt_dict(raw), optimizer=optimizer.state_dict(), step=step, data=data_state(), rng=rng),
+                        os.path.join(out, "ckpt.pt"))
+        t_log += time.time() - t_aside
+        t_loop += time.time() - t_aside
 
     # --------------------------------------------------------------------------------------------
     # final evaluation (rank 0)
