@@ -119,7 +119,7 @@ def bench_dpo_step(shape, dtype, precomputed, device, steps, compile_model):
         losses.append(loss.item())
 
     reset_peak_memory(device)
-    sec = median_time(step, steps, 2, device)
+    sec = median_time(step, steps, 1 if shape != "tiny" else 2, device)
     T, tokens, scored = PROMPT + RESPONSE, ids.numel(), int(mask[:, 1:].sum())
     N = policy.num_params() - V * C  # matmul parameters of the blocks; the output layer is counted apart
     # the output layer is only needed (and only run) at the positions that predict a response token
@@ -162,7 +162,7 @@ def main(argv):
     for shape in shapes:
         for dtype in dtypes:
             for pre in (False, True):
-                r = bench_dpo_step(shape, dtype, pre, device, 2 if quick else (5 if shape != "tiny" else 10), compile_model)
+                r = bench_dpo_step(shape, dtype, pre, device, 2 if quick else (3 if shape != "tiny" else 10), compile_model)
                 r["mfu"] = r["tflop_per_step"] * 1e3 / r["sec_per_step"] / ceiling[dtype]
                 rows.append(r)
                 print(f"{shape:<11} {dtype:<5} {r['reference']:<11} {r['sec_per_step']:8.3f} {r['pairs_per_s']:8.1f} "

@@ -907,7 +907,10 @@ def test_resume_matches_uninterrupted_run(tiny_run, tmp_path):
 def test_ddp_matches_single_process(tiny_run, tmp_path):
     """torchrun with 2 CPU processes (gloo), 4 pairs each, 1 micro-step, equals one process with
     4 pairs x 2 micro-steps: the same 8 pairs per step, gradients averaged the same way, so the
-    weights after 3 steps agree to float tolerance."""
+    updates after 3 steps agree to float tolerance: |w_ddp - w_single| / |w_single - w_0| < 1e-3.
+    (Not elementwise: the key bias gets a gradient that is exactly 0 in exact arithmetic, since a
+    constant added to every key's score cancels in the softmax; Adam divides the ~1e-10 rounding
+    noise by its own tiny scale and turns it into updates of either sign.)"""
     ref = os.path.join(tiny_run[0], "ref.pt")
     common = [f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=3", "--dpo_lr=1e-3", "--batch_size=4",
               "--grad_accum=2", "--eval_samples=4"]
@@ -920,9 +923,9 @@ def test_ddp_matches_single_process(tiny_run, tmp_path):
     a = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
     start = torch.load(ref, weights_only=True)["model"]
-    assert any(not torch.equal(a[k], start[k]) for k in a)  # training moved the weights
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    moved = sum(((a[k] - start[k]) ** 2).sum() for k in a).sqrt()
+    apart = sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt()
+    assert moved > 0.1 and apart / moved < 1e-3, (moved, apart)
 
 
 @pytest.mark.parametrize("arg, message", [

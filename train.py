@@ -495,15 +495,16 @@ def main(argv):
             g["lr"] = lr
         stats = torch.zeros(6, device=device)
         for micro in range(accum):
+            ref_c = ref_r = None  # stays None for reference-free DPO
             if cfg["online"]:
-                examples, ref_c, ref_r = online_batch(step, micro), None, None
+                examples = online_batch(step, micro)
             else:
                 idx = loader.next()
                 examples = [train[i] for i in idx]
                 if train_ref is not None:
                     ref_c, ref_r = train_ref[0][idx], train_ref[1][idx]
             ids, mask = (x.to(device) for x in D.collate(examples, eot))
-            if train_ref is None and reference is not None:
+            if ref_c is None and reference is not None:
                 with torch.no_grad(), ctx:
                     ref_c, ref_r = (x.float() for x in concatenated_logps(reference, ids, mask)[:2])
             sync = nullcontext() if not ddp or micro == accum - 1 else train_model.no_sync()
