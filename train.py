@@ -397,7 +397,10 @@ def main(argv):
         res = {"policy_mean_length": sum(map(len, pol)) / len(pol)}
         if reference is not None:
             ref = sample(reference, eval_ids, cfg["seed"] + 2)
-            # KL(pi || pi_ref) estimated on the policy's own samples: E[log pi(y) - log pi_ref(y)]
+            # KL(pi || pi_ref) estimated on the policy's own samples: E[log pi(y) - log pi_ref(y)];
+            # an estimate of that KL only when the samples come from pi itself (temperature 1, no top-k)
+            if cfg["temperature"] != 1.0 or cfg["top_k"]:
+                print0("note: kl is measured on tempered/top-k samples, so it is not KL(pi || pi_ref)")
             res["kl"] = (score(m, list(zip(eval_ids, pol)))[0] - score(reference, list(zip(eval_ids, pol)))[0]).mean().item()
             res["reference_mean_length"] = sum(map(len, ref)) / len(ref)
         pol_t = [text(r) for r in pol]

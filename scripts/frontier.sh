@@ -28,5 +28,5 @@ print("|---|---|---|---|---|---|---|")
 for f in sorted(glob.glob(os.path.join(sys.argv[1], "*", "eval.json")), key=os.path.getmtime):
     e = json.load(open(f))
     print(f"| {os.path.basename(os.path.dirname(f))} | {e['kl']:.2f} | {e['policy_reward']:.2f} | {e['win_rate']:.3f} | "
-          f"{e['valid_fraction']:.3f} | {e['pref_accuracy']:.3f} | {e['wall_seconds']:.0f} |")
+          f"{e['valid_fraction']:.3f} | {format(e['pref_accuracy'], '.3f') if e['val_margin'] else '-'} | {e['wall_seconds']:.0f} |")
 PY
