@@ -401,7 +401,8 @@ def main(argv):
             # an estimate of that KL only when the samples come from pi itself (temperature 1, no top-k)
             if cfg["temperature"] != 1.0 or cfg["top_k"]:
                 print0("note: kl is measured on tempered/top-k samples, so it is not KL(pi || pi_ref)")
-            res["kl"] = (score(m, list(zip(eval_ids, pol)))[0] - score(reference, list(zip(eval_ids, pol)))[0]).mean().item()
+            seqs = list(zip(eval_ids, pol))
+            res["kl"] = (score(m, seqs)[0] - score(reference, seqs)[0]).mean().item()
             res["reference_mean_length"] = sum(map(len, ref)) / len(ref)
         pol_t = [text(r) for r in pol]
         ref_t = [text(r) for r in ref] if reference is not None else None
