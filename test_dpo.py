@@ -2,6 +2,7 @@
 Tests. Every expected number is worked out by hand in the docstring of its test; the model and the
 fast paths are checked against an independent, slower computation. Run: python -m pytest -q
 """
+import base64
 import gzip
 import json
 import math
@@ -1047,3 +1048,24 @@ def test_every_loss_type_trains(tiny_run, tmp_path, args, first_loss):
     if first_loss is not None:
         assert dpo[0]["loss"] == pytest.approx(first_loss, abs=1e-5)
     assert all(math.isfinite(r["loss"]) for r in dpo) and math.isfinite(res["val_loss"])
+
+
+def test_train_from_a_gpt2_folder(tmp_path):
+    """--init_from=<Hugging Face GPT-2 folder> runs SFT, DPO and evaluation on the loaded weights,
+    and a tokenizer whose vocabulary does not match the checkpoint's stops with a message."""
+    m = tiny_model(seed=10, vocab_size=257, n_embd=64, block_size=160)
+    folder = tmp_path / "gpt2-tiny"
+    folder.mkdir()
+    write_config(folder, m.config)
+    write_safetensors(folder / "model.safetensors", hf_state_dict(m, True))
+    res = run_train(tmp_path / "run", f"--init_from={folder}", "--sft_iters=3", "--dpo_iters=2", "--eval_samples=4")
+    assert math.isfinite(res["kl"]) and 0 <= res["win_rate"] <= 1
+    toy = tmp_path / "toy.tiktoken"  # tiktoken's format: base64 token, rank; 256 bytes + 2 merges -> 259 ids
+    toy.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(
+        [bytes([i]) for i in range(256)] + [b"th", b"the"])))
+    with pytest.raises(SystemExit, match=r"vocabulary \(257\) does not match tokenizer .*toy.tiktoken.* \(259 tokens\)"):
+        run_train(tmp_path / "run2", f"--init_from={folder}", f"--tokenizer={toy}")
+    with pytest.raises(SystemExit, match="error: .*missing.tiktoken: no such .tiktoken file"):
+        run_train(tmp_path / "run3", f"--tokenizer={tmp_path / 'missing.tiktoken'}")
+    with pytest.raises(SystemExit, match="error: .*nope.jsonl"):
+        run_train(tmp_path / "run4", f"--data={tmp_path / 'nope.jsonl'}")

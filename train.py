@@ -146,6 +146,14 @@ def cpu_has_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def or_exit(fn, *args, **kw):
+    """Bad input (a file, a field, a tokenizer, a checkpoint) stops with its message, not a traceback."""
+    try:
+        return fn(*args, **kw)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
 def save_atomic(obj, path):
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash mid-write leaves the last good file untouched
@@ -259,7 +267,7 @@ def main(argv):
 
     # --------------------------------------------------------------------------------------------
     # data: preference pairs, the SFT corpus, held-out prompts, and a judge when there is one
-    enc = D.get_tokenizer(cfg["tokenizer"])
+    enc = or_exit(D.get_tokenizer, cfg["tokenizer"])
     eot = enc.eot_token
     judge, judge_name, is_valid = None, "", None
     if cfg["data"] == D.TASK_NAME:
@@ -268,7 +276,7 @@ def main(argv):
         sft_texts = task["sft"]
         judge, judge_name, is_valid = reward_judge(task["reward"]), "reviews.reward", task["is_valid"]
     else:
-        pairs = D.load_pairs(cfg["data"], verbose=master)
+        pairs = or_exit(D.load_pairs, cfg["data"], verbose=master)
         train_pairs, val_pairs = D.split_by_prompt(pairs, cfg["val_fraction"], cfg["seed"])
         sft_texts = [(p["prompt"], p["chosen"]) for p in train_pairs]  # SFT on the preferred responses
         eval_prompts = sorted({p["prompt"] for p in val_pairs})
@@ -287,7 +295,7 @@ def main(argv):
                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"])
         model = GPT(mcfg).to(device)
     else:
-        model = load_model(ref_path if resume else cfg["init_from"], device, cfg["dropout"])
+        model = or_exit(load_model, ref_path if resume else cfg["init_from"], device, cfg["dropout"])
     mcfg = model.config
     if mcfg.vocab_size != enc.n_vocab:
         sys.exit(f"the model's vocabulary ({mcfg.vocab_size}) does not match tokenizer {cfg['tokenizer']!r} ({enc.n_vocab} tokens); "
