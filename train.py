@@ -269,12 +269,12 @@ def main(argv):
     # data: preference pairs, the SFT corpus, held-out prompts, and a judge when there is one
     enc = or_exit(D.get_tokenizer, cfg["tokenizer"])
     eot = enc.eot_token
-    judge, judge_name, is_valid = None, "", None
+    judge, judge_name = None, ""
     if cfg["data"] == D.TASK_NAME:
         task = D.make_task(seed=cfg["seed"])
         train_pairs, val_pairs, eval_prompts = task["train"], task["val"], task["eval_prompts"]
         sft_texts = task["sft"]
-        judge, judge_name, is_valid = reward_judge(task["reward"]), "reviews.reward", task["is_valid"]
+        judge, judge_name = reward_judge(task["reward"]), "reviews.reward"
     else:
         pairs = or_exit(D.load_pairs, cfg["data"], verbose=master)
         train_pairs, val_pairs = D.split_by_prompt(pairs, cfg["val_fraction"], cfg["seed"])
@@ -291,9 +291,8 @@ def main(argv):
     resume = cfg["init_from"] == "resume"
     ref_path = os.path.join(out, "ref.pt")
     if cfg["init_from"] == "scratch":
-        mcfg = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                         n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"])
-        model = GPT(mcfg).to(device)
+        model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
+                              n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"])).to(device)
     else:
         model = or_exit(load_model, ref_path if resume else cfg["init_from"], device, cfg["dropout"])
     mcfg = model.config
@@ -420,10 +419,10 @@ def main(argv):
         if cfg["data"] == D.TASK_NAME:
             mean = lambda xs: sum(xs) / len(xs)
             res["policy_reward"] = mean([task["reward"](p, r) for p, r in zip(eval_prompts, pol_t)])
-            res["valid_fraction"] = mean([is_valid(r) for r in pol_t])
+            res["valid_fraction"] = mean([task["is_valid"](r) for r in pol_t])
             if ref_t:
                 res["reference_reward"] = mean([task["reward"](p, r) for p, r in zip(eval_prompts, ref_t)])
-                res["reference_valid_fraction"] = mean([is_valid(r) for r in ref_t])
+                res["reference_valid_fraction"] = mean([task["is_valid"](r) for r in ref_t])
         for i in range(min(cfg["show_samples"], len(pol_t))):
             print0(f"--- prompt: {eval_prompts[i]!r}\n    reference: {ref_t[i] if ref_t else '-'!r}\n    policy:    {pol_t[i]!r}")
         res["sample_seconds"] = time.time() - t0
