@@ -1,0 +1,350 @@
+"""
+Tests of data.py: preference files, tokenization and truncation, splits and batches, and the
+embedded reviews task. Expected values are derived in each docstring.
+"""
+import base64
+import gzip
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import tiktoken
+import torch
+
+import data
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ================================================================================================
+# data.py: loading, tokenization, batches, the embedded task
+# ================================================================================================
+HH_PATH = os.path.join(HERE, "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+GPT2_PATH = os.path.join(HERE, "..", "shared", "data", "gpt2-bpe", "gpt2.tiktoken")
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+EXPECTED = [
+    {"prompt": "\n\nHuman: Hi there\n\nAssistant:", "chosen": " Hello! How can I help?", "rejected": " Go away."},
+    {"prompt": "\n\nSystem: Be brief.\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: And 3+3?\n\nAssistant:",
+     "chosen": " 6", "rejected": " 7"},
+]
+
+
+def _write(path, text):
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _jsonl(records):
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def _msgs(*pairs):
+    return [{"role": role, "content": content} for role, content in pairs]
+
+
+def test_three_formats_load_to_the_same_pairs(tmp_path):
+    """The same two pairs in explicit (.jsonl), implicit HH (.jsonl.gz) and
+    conversational (.json, once with a separate prompt, once as whole
+    conversations using role "human") form. The HH prompt runs up to and
+    including the last "\\n\\nAssistant:", so the responses keep their leading
+    space; the template renders "system" as "\\n\\nSystem: ..." and a response as
+    " " + the final assistant content. All four files give EXPECTED exactly."""
+    explicit = _write(tmp_path / "a.jsonl", _jsonl(EXPECTED))
+    implicit = _write(tmp_path / "b.jsonl.gz", _jsonl(
+        [{"chosen": e["prompt"] + e["chosen"], "rejected": e["prompt"] + e["rejected"]} for e in EXPECTED]))
+    head = [_msgs(("user", "Hi there")),
+            _msgs(("system", "Be brief."), ("user", "2+2?"), ("assistant", "4"), ("human", "And 3+3?"))]
+    answers = [("Hello! How can I help?", "Go away."), ("6", "7")]
+    conv = [{"prompt": h, "chosen": _msgs(("assistant", c)), "rejected": _msgs(("assistant", r))}
+            for h, (c, r) in zip(head, answers)]
+    whole = [{"chosen": h + _msgs(("assistant", c)), "rejected": h + _msgs(("assistant", r))}
+             for h, (c, r) in zip(head, answers)]
+    conv_path = _write(tmp_path / "c.json", json.dumps(conv))
+    whole_path = _write(tmp_path / "d.json", json.dumps(whole))
+    for path in (explicit, implicit, conv_path, whole_path):
+        assert data.load_pairs(path, verbose=False) == EXPECTED, path
+
+
+def test_hh_file_loads_with_counted_skips(capsys):
+    """harmless-base-test has 2,312 pairs. 4 have an empty chosen response (just
+    " ") and are skipped as empty_response, so 2,308 load. In 5 pairs one
+    response holds a later "\\n\\nAssistant:" turn of its own (4 chosen, 1
+    rejected); the prompt is the shared prefix, so they load and are counted.
+    E.g. the pair about drag kings: the shared prompt ends "Isn't that drag
+    kings?\\n\\nAssistant:" and the chosen response goes on past another turn."""
+    if not os.path.exists(HH_PATH):
+        pytest.skip(f"real HH data not found at {HH_PATH} (fresh clone without ../shared)")
+    pairs = data.load_pairs(HH_PATH)
+    summary = capsys.readouterr().out.strip()
+    assert summary == ("loaded 2308 pairs from harmless-base-test.jsonl.gz (skipped 4: empty_response=4); "
+                       "5 kept with a later Assistant turn inside a response")
+    assert len(pairs) + 4 == 2312
+    assert all(p["prompt"].endswith("\n\nAssistant:") for p in pairs)
+    assert all(p["chosen"].strip() and p["rejected"].strip() and p["chosen"] != p["rejected"] for p in pairs)
+    with_turn = [p for p in pairs if "\n\nAssistant:" in p["chosen"] + p["rejected"]]
+    assert len(with_turn) == 5
+    drag = [p for p in with_turn if p["prompt"].endswith("Isn't that drag kings?\n\nAssistant:")]
+    assert len(drag) == 1 and drag[0]["chosen"].startswith(" No. Men who impersonate")
+    assert drag[0]["rejected"].startswith(" A drag king is the opposite")
+
+
+BAD_INPUTS = [  # (file name, content, substrings the error must contain)
+    ("bad.jsonl", '{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": oops}\n',
+     ["bad.jsonl", "line 2", "invalid JSON"]),
+    ("missing.jsonl", '\n{"prompt": "a", "chosen": " b"}\n', ["missing.jsonl", "line 2", "'rejected'"]),
+    ("nonstr.jsonl", '{"prompt": "a", "chosen": 5, "rejected": " c"}\n', ["nonstr.jsonl", "line 1", "'chosen'"]),
+    ("prompt.jsonl", '{"prompt": 1, "chosen": " b", "rejected": " c"}\n', ["prompt.jsonl", "line 1", "'prompt'"]),
+    ("unknown.jsonl", '{"question": "a", "answer": "b"}\n', ["unknown.jsonl", "line 1", "unknown record format"]),
+    ("noturn.jsonl", '{"chosen": "Human: hi", "rejected": "Human: yo"}\n', ["noturn.jsonl", "line 1", "'chosen'"]),
+    ("role.json", json.dumps([{"chosen": _msgs(("user", "a"), ("assistant", "b")),
+                               "rejected": _msgs(("user", "a"), ("robot", "c"))}]),
+     ["role.json", "record 0", "'rejected[1].role'"]),
+    ("last.json", json.dumps([EXPECTED[0], {"chosen": _msgs(("user", "a")), "rejected": _msgs(("user", "a"))}]),
+     ["last.json", "record 1", "'chosen'"]),
+    ("notlist.json", '{"chosen": " b"}', ["notlist.json", "JSON list"]),
+    ("empty.jsonl", "\n\n", ["empty.jsonl", "empty file"]),
+    ("empty.json", "[]", ["empty.json", "empty file"]),
+    ("pairs.csv", "prompt,chosen,rejected\n", ["pairs.csv", "unknown file type"]),
+]
+
+
+@pytest.mark.parametrize("name,content,needles", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_value_error_naming_file_line_and_field(tmp_path, name, content, needles):
+    """Each malformed file raises ValueError whose message names the file, the
+    1-based line (or 0-based record index for a .json list) and the field, as
+    listed per case in BAD_INPUTS (blank lines still count as lines)."""
+    path = _write(tmp_path / name, content)
+    with pytest.raises(ValueError) as err:
+        data.load_pairs(path, verbose=False)
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_missing_file_raises_file_not_found_naming_it(tmp_path):
+    """A path that does not exist raises FileNotFoundError with the path in the message."""
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        data.load_pairs(tmp_path / "nope.jsonl")
+
+
+def test_empty_and_identical_responses_are_skipped_and_counted(tmp_path, capsys):
+    """4 records: one good, one with a whitespace-only response, one with chosen
+    == rejected, one HH pair whose dialogues differ in the first Human turn (no
+    shared Assistant turn). 1 loads; the summary counts each skip by reason."""
+    path = _write(tmp_path / "s.jsonl", _jsonl([
+        EXPECTED[0],
+        {"prompt": "p", "chosen": "  \n", "rejected": " no"},
+        {"prompt": "p", "chosen": " same", "rejected": " same"},
+        {"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"},
+    ]))
+    assert data.load_pairs(path) == [EXPECTED[0]]
+    assert capsys.readouterr().out.strip() == (
+        "loaded 1 pairs from s.jsonl (skipped 3: empty_response=1, identical=1, prompt_mismatch=1)")
+
+
+# -----------------------------------------------------------------------------
+# tokenization and collation
+
+def _toy_bpe():
+    """256 byte ranks, then merges he=256, ll=257, hell=258, hello=259; eot=260."""
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks.update({b"he": 256, b"ll": 257, b"hell": 258, b"hello": 259})
+    return tiktoken.Encoding("toy", pat_str=data.GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 260})
+
+
+def test_toy_bpe_ids_separate_encoding_and_appended_eot():
+    """With the toy BPE, "hello" -> h,e,l,l,o -> he,l,l,o -> he,ll,o -> hell,o ->
+    [259]; " hello" is one pre-token and -> [32, 259]. Pair prompt "hel",
+    response "lo": encoded together "hello" would be [259], but separately
+    "hel" -> [he, l] = [256, 108] and "lo" -> [108, 111], plus eot 260.
+    An empty prompt becomes [eot]."""
+    enc = _toy_bpe()
+    assert enc.encode_ordinary("hello") == [259] and enc.encode_ordinary(" hello") == [32, 259]
+    pairs = [{"prompt": "hel", "chosen": "lo", "rejected": "l"},
+             {"prompt": "", "chosen": " hello", "rejected": "he"}]
+    out = data.tokenize_pairs(pairs, enc, block_size=64, verbose=False)
+    assert out == [([256, 108], [108, 111, 260], [108, 260]),
+                   ([260], [32, 259, 260], [256, 260])]
+
+
+def test_collate_exact_ids_and_mask():
+    """Using the two triples above with pad_id 0: rows are [p+c for each] then
+    [p+r for each]; lengths 5, 4, 4, 3 -> T = 5. Mask is True on response
+    positions (incl. eot) only: row 0 = prompt 2 + response 3, row 1 = prompt
+    1 + response 3, row 2 = prompt 2 + response 2, row 3 = prompt 1 + response 2."""
+    ex = [([256, 108], [108, 111, 260], [108, 260]), ([260], [32, 259, 260], [256, 260])]
+    ids, mask = data.collate(ex, pad_id=0)
+    assert ids.dtype == torch.long and mask.dtype == torch.bool
+    assert ids.tolist() == [[256, 108, 108, 111, 260],
+                            [260, 32, 259, 260, 0],
+                            [256, 108, 108, 260, 0],
+                            [260, 256, 260, 0, 0]]
+    F, T = False, True
+    assert mask.tolist() == [[F, F, T, T, T], [F, T, T, T, F], [F, F, T, T, F], [F, T, T, F, F]]
+    ids, mask = data.collate_sft([([1, 2], [3]), ([4], [5, 6, 7])], pad_id=9)
+    assert ids.tolist() == [[1, 2, 3, 9], [4, 5, 6, 7]]
+    assert mask.tolist() == [[F, F, T, F], [F, T, T, T]]
+
+
+def test_truncation_cuts_prompt_start_then_response_end(capsys):
+    """Prompt "hello hello hello hello" -> [259, 32,259, 32,259, 32,259] (7 ids);
+    chosen " hello hello" -> [32,259,32,259,260] (5); rejected " hell" ->
+    [32,258,260] (3). block 10, min 3: keep max(10-5, 3) = 5 prompt ids (its
+    end), responses fit. block 7: keep max(2, 3) = 3 prompt ids, room 4 -> the
+    chosen loses its eot, the rejected fits. Then a pair that becomes identical
+    after the cut (" hello hello" vs " hello hell", room 2 -> both [32, 259])
+    and, with min_prompt_tokens >= block, one with no room left."""
+    enc = _toy_bpe()
+    pair = {"prompt": "hello hello hello hello", "chosen": " hello hello", "rejected": " hell"}
+    assert data.tokenize_pairs([pair], enc, 10, min_prompt_tokens=3) == [
+        ([259, 32, 259, 32, 259], [32, 259, 32, 259, 260], [32, 258, 260])]
+    assert capsys.readouterr().out.strip() == \
+        "tokenized 1 pairs (block_size 10): prompt cut in 1, responses cut in 0, skipped 0"
+    assert data.tokenize_pairs([pair], enc, 7, min_prompt_tokens=3) == [
+        ([259, 32, 259], [32, 259, 32, 259], [32, 258, 260])]
+    assert capsys.readouterr().out.strip() == \
+        "tokenized 1 pairs (block_size 7): prompt cut in 1, responses cut in 1, skipped 0"
+    same = {"prompt": "hello hello hello hello", "chosen": " hello hello", "rejected": " hello hell"}
+    assert data.tokenize_pairs([same], enc, 5, min_prompt_tokens=3) == []
+    assert data.tokenize_pairs([pair], enc, 4, min_prompt_tokens=4) == []
+    out = capsys.readouterr().out.strip().split("\n")
+    assert out == ["tokenized 0 pairs (block_size 5): prompt cut in 1, responses cut in 1, skipped 1 (identical=1)",
+                   "tokenized 0 pairs (block_size 4): prompt cut in 1, responses cut in 0, skipped 1 (no_room=1)"]
+
+
+def test_get_tokenizer_bytes_and_offline_gpt2():
+    """"bytes": ids are UTF-8 bytes ("hé" -> 104, 0xC3, 0xA9), eot 256, n_vocab
+    257, and "<|endoftext|>" in text stays plain bytes. The offline GPT-2 file
+    gives the known ids "Hello world" -> [15496, 995] and eot 50256. An unknown
+    name fails with a hint at the offline .tiktoken path."""
+    enc = data.get_tokenizer("bytes")
+    assert (enc.n_vocab, enc.eot_token) == (257, 256)
+    assert enc.encode_ordinary("hé") == [104, 0xC3, 0xA9]
+    assert enc.encode_ordinary("<|endoftext|>") == list(b"<|endoftext|>")
+    with pytest.raises(ValueError, match=r"\.tiktoken"):
+        data.get_tokenizer("no-such-encoding")
+    if not os.path.exists(GPT2_PATH):
+        pytest.skip(f"offline GPT-2 BPE not found at {GPT2_PATH}")
+    gpt2 = data.get_tokenizer(GPT2_PATH)
+    assert gpt2.encode_ordinary("Hello world") == [15496, 995]
+    assert (gpt2.eot_token, gpt2.n_vocab) == (50256, 50257)
+
+
+# -----------------------------------------------------------------------------
+# splits and batches
+
+def test_split_by_prompt_keeps_prompts_whole_and_is_deterministic():
+    """40 items over 10 prompts: ceil(0.25 * 10) = 3 prompts (12 items) go to
+    val, the other 7 prompts to train; no prompt on both sides; same seed ->
+    same split; with 2 prompts and a tiny fraction val still gets 1 prompt."""
+    items = [{"prompt": f"p{i % 10}", "k": i} for i in range(40)]
+    train, val = data.split_by_prompt(items, 0.25, seed=3)
+    assert len({x["prompt"] for x in val}) == 3 and len(val) == 12 and len(train) == 28
+    assert not {x["prompt"] for x in train} & {x["prompt"] for x in val}
+    assert (train, val) == data.split_by_prompt(items, 0.25, seed=3)
+    assert data.split_by_prompt(items, 0.25, seed=4) != (train, val)
+    two = [{"prompt": "a"}, {"prompt": "b"}]
+    assert [len(s) for s in data.split_by_prompt(two, 0.01, seed=0)] == [1, 1]
+    assert data.split_by_prompt(two, 0.0, seed=0) == (two, [])
+
+
+def test_batches_determinism_resume_and_rank_sharding():
+    """10 examples, global batch 4 -> 2 steps an epoch, the last 2 dropped;
+    each epoch reshuffles. Same seed -> same stream; a new Batches loaded with
+    a state_dict continues exactly; ranks 0 and 1 with batch 2 concatenated
+    (rank 0 first) equal one process with batch 4, batch by batch."""
+    ex = list(range(10))
+    def stream(b, n):
+        return [b.next() for _ in range(n)]
+    a = stream(data.Batches(ex, 4, seed=1), 6)
+    assert a == stream(data.Batches(ex, 4, seed=1), 6) and a != stream(data.Batches(ex, 4, seed=2), 6)
+    assert all(len(set(x)) == 4 for x in a) and a[:2] != a[2:4]
+    assert len(set(a[0] + a[1])) == 8  # an epoch never repeats an example
+    b = data.Batches(ex, 4, seed=1)
+    stream(b, 3)
+    state = b.state_dict()
+    assert state == {"epoch": 1, "pos": 4}
+    c = data.Batches(ex, 4, seed=1)
+    c.load_state_dict(state)
+    assert stream(c, 3) == a[3:]
+    r0, r1 = (data.Batches(ex, 2, seed=1, rank=r, world_size=2) for r in (0, 1))
+    assert [x + y for x, y in zip(stream(r0, 6), stream(r1, 6))] == a
+    with pytest.raises(ValueError, match="global batch"):
+        data.Batches(ex, 4, seed=0, world_size=3)
+
+
+# -----------------------------------------------------------------------------
+# the reviews task
+
+def test_reward_by_hand_and_garbage():
+    """funny +1, "not dull" -> -(-1) = +1: total +2. "very awful" -1, "not
+    superb" -1, "boring" -1: -3. Case-insensitive words; "notfunny" is no word
+    (0). Garbage scores finitely and is invalid; the grammar examples are valid."""
+    assert data.reward("p", " funny, and the plot was not dull.") == 2.0
+    assert data.reward("p", " very awful, but the acting was not superb and the cast was boring.") == -3.0
+    assert data.reward("", "FUNNY funny notfunny") == 2.0
+    for junk in ["", "\x00\ufffd garbage!!", "not not not", "🎬" * 50, " funny funny funny."]:
+        assert math.isfinite(data.reward("p", junk)) and not data.is_valid(junk)
+    assert data.is_valid(" funny, and the plot was not dull.")
+    assert data.is_valid(" funny, and the plot was not dull.<|endoftext|>")
+
+
+def test_make_task_is_deterministic_valid_and_ranked():
+    """Same seed -> identical task, other seed -> different. Every generated
+    response parses, every pair has chosen reward > rejected reward, counts
+    match the arguments, and no val or eval prompt is ever a train or sft prompt."""
+    t = data.make_task(seed=5, n_sft=500, n_pairs=400, n_val_pairs=100, n_eval_prompts=300)
+    keys = ("sft", "train", "val", "eval_prompts")
+    assert all(t[k] == v for k, v in zip(keys, (data.make_task(5, 500, 400, 100, 300)[k] for k in keys)))
+    assert data.make_task(6, 500, 400, 100, 300)["train"] != t["train"]
+    assert [len(t[k]) for k in keys] == [500, 400, 100, 300]
+    responses = [r for _, r in t["sft"]] + [p[s] for p in t["train"] + t["val"] for s in ("chosen", "rejected")]
+    assert all(t["is_valid"](r) for r in responses)
+    assert all(t["reward"](p["prompt"], p["chosen"]) > t["reward"](p["prompt"], p["rejected"])
+               for p in t["train"] + t["val"])
+    seen = {p["prompt"] for p in t["train"]} | {p for p, _ in t["sft"]}
+    assert not seen & ({p["prompt"] for p in t["val"]} | set(t["eval_prompts"]))
+    assert all(p.endswith((" felt", " was", " seemed")) for p in seen)
+
+
+def test_make_task_defaults_are_fast_and_varied():
+    """The default task builds in < 5 s; latent tones give every reward from
+    -4 to +4 (1 + up to 3 adjectives) in the sft data; eval prompts >= 256."""
+    start = time.time()
+    t = data.make_task()
+    assert time.time() - start < 5
+    assert {data.reward(p, r) for p, r in t["sft"]} == {float(x) for x in range(-4, 5)}
+    assert len(t["eval_prompts"]) >= 256
+
+
+def test_corrupted_responses_are_mostly_invalid():
+    """Changing one random character breaks the grammar always (measured: 100%);
+    dropping a word does unless the word was an optional "not"/"very"/"truly"
+    (measured: ~92% invalid). Require >= 80% invalid for each corruption."""
+    rng = random.Random(0)
+    responses = [r for _, r in data.make_task(seed=1, n_sft=300, n_pairs=0, n_val_pairs=0)["sft"]]
+    def change_char(r):
+        i = rng.randrange(len(r))
+        return r[:i] + rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz ,." if c != r[i]]) + r[i + 1:]
+    def drop_word(r):
+        words = r.split(" ")
+        i = rng.randrange(1, len(words))
+        return " ".join(words[:i] + words[i + 1:])
+    for corrupt in (change_char, drop_word):
+        bad = [not data.is_valid(corrupt(r)) for r in responses]
+        assert sum(bad) >= 0.8 * len(bad), (corrupt.__name__, sum(bad))
