@@ -1,0 +1,183 @@
+"""
+RLHF with a reward model and PPO: the per-token rewards, GAE, the clipped losses, the reward model's loss.
+
+The objective is the one DPO solves in closed form (dpo.py): maximise E_{x, y~pi}[r(x,y)] - beta*KL(pi||pi_ref),
+with beta called kl_coef here. PPO optimises it by reinforcement learning instead.
+
+(1) The KL is a per-token reward. An autoregressive policy factorises, log pi(y|x) = sum_t log pi(y_t|x,y_<t), so
+    KL(pi||pi_ref)(x) = E_{y~pi}[ sum_t k_t ],   k_t = log pi(y_t|x,y_<t) - log pi_ref(y_t|x,y_<t).
+Read each token as an action and prompt + tokens so far as the state, and pay the reward
+    r_t = -beta*k_t  at every response token,   plus r(x,y) at the last one.
+With gamma = 1 the return sum_t r_t is r(x,y) - beta*sum_t k_t, whose expectation IS the objective: a plain RL
+problem. k_t of the sampled token is a one-sample estimate (it can be negative) whose sum is unbiased for the
+sequence KL. That r_t depends on pi itself does not bias the policy gradient: the extra term,
+-beta*E_pi[grad log pi], is zero. So the rewards are computed once per rollout and held fixed.
+
+(2) GAE estimates the advantage A(s_t,a_t) = Q(s_t,a_t) - V(s_t): how much better token a_t was than the policy's
+average at that state. With the one-step TD error delta_t = r_t + gamma*V(s_{t+1}) - V(s_t),
+    A_t = sum_{l>=0} (gamma*lam)^l delta_{t+l}   (= delta_t + gamma*lam*A_{t+1}, computed backwards).
+lam = 0 gives delta_t: low variance, but biased by the value head's errors. lam = 1 telescopes to the Monte-Carlo
+return sum_l gamma^l r_{t+l} minus V(s_t): unbiased, but it carries the noise of every later token. lam in between
+trades the two. A_t + V(s_t) is the TD(lam) return, the regression target of the value head. The episode ends after
+the last real token, so V = 0 there. A response cut at the maximum length without an end token is really an episode
+cut by a time limit; it is still treated as terminal here (V = 0 after its last token), and the caller decides how
+to score it (e.g. a fixed penalty in place of r(x,y)).
+
+(3) Why the ratio is clipped. With rho = pi(a_t|s_t) / pi_old(a_t|s_t), the surrogate E_old[rho*A_t] has the true
+objective's gradient at pi = pi_old, but it is only a good approximation near pi_old: the advantages were estimated
+under pi_old and go stale as pi moves. Maximised without limit over several epochs of minibatch steps on one
+rollout, it drives rho as far as the advantage's sign says. PPO-clip maximises min(rho*A, clip(rho,1-eps,1+eps)*A)
+instead: once rho has left [1-eps, 1+eps] in the direction A favours, the clipped constant is the smaller term and
+the token's gradient is zero, so there is no gain in moving further; a move in the unfavoured direction keeps the
+unclipped term, so it is still corrected. The loss minimised is its negative, max(-rho*A, -clip(rho)*A).
+
+(4) The value head is clipped the same way: its new prediction earns nothing from moving more than c away from the
+rollout's old prediction, by taking the larger of the two squared errors. The reward model r(x,y) is fitted to
+preference pairs with the Bradley-Terry model, P(y_w beats y_l | x) = sigmoid(r(x,y_w) - r(x,y_l)), by maximum
+likelihood: loss = -log sigmoid(r_w - r_l). DPO fits this very likelihood, but with r replaced by the implicit
+reward beta*log(pi/pi_ref), which folds the reward model and this RL step into one loss on the policy.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over the entries where mask is True; over everything if dim is None, else along dim."""
+    x = x.masked_fill(~mask, 0)                    # masked-out entries may hold anything, even nan
+    if dim is None:
+        return x.sum() / mask.sum()
+    return x.sum(dim) / mask.sum(dim)
+
+
+def masked_var(x, mask):
+    """Population (biased) variance of the masked entries of x."""
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
+def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
+    """(x - mean) / sqrt(var + eps), mean and population variance over the masked entries. shift_mean=False
+    adds the mean back (rescale only, e.g. for rewards whose sign matters). Masked-out entries are 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out.masked_fill(~mask, 0)
+
+
+def per_token_rewards(logprobs, ref_logprobs, mask, scores, kl_coef):
+    """The episode's rewards of (1): r_t = -kl_coef*k_t, plus scores (B,) at each row's last real token.
+
+    logprobs, ref_logprobs (B, T): log pi and log pi_ref of the sampled response tokens; mask (B, T) left-aligned.
+    Returns (rewards (B, T), kl (B, T)), kl = logprobs - ref_logprobs; both 0 where mask is False.
+    """
+    B, T = mask.shape
+    kl = (logprobs - ref_logprobs).masked_fill(~mask, 0)                          # (B, T)
+    last = F.one_hot(mask.sum(1) - 1, T).to(kl.dtype)                            # (B, T), 1 at the last token
+    rewards = -kl_coef * kl + last * scores[:, None]                              # (B, T), 0 at pads
+    return rewards, kl
+
+
+@torch.no_grad()
+def gae(rewards, values, mask, gamma, lam):
+    """Generalized advantage estimation (Schulman et al. 2016, arXiv:1506.02438), see (2).
+
+    rewards, values (B, T): r_t and V(s_t) at the response tokens; mask (B, T) left-aligned.
+    delta_t = r_t + gamma*V_{t+1} - V_t with V = 0 after each row's last real token; A_t = delta_t + gamma*lam*A_{t+1}.
+    Returns (advantages (B, T), returns = advantages + values (B, T)), 0 where mask is False; no gradient.
+    """
+    T = mask.shape[1]
+    # rows are left-aligned, so once the pads hold r = V = 0, V after each row's last real token is 0 (terminal)
+    # and every pad gets delta = 0 and A = 0: nothing flows back from the pads into the real tokens
+    rewards, values = rewards.masked_fill(~mask, 0), values.masked_fill(~mask, 0)    # (B, T)
+    advantages = torch.zeros_like(values)
+    next_adv = torch.zeros_like(values[:, 0])                                     # (B,) A_{t+1}
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(next_adv)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]                 # (B,)
+        next_adv = delta + gamma * lam * next_adv
+        advantages[:, t] = next_adv
+    return advantages, advantages + values
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+    """PPO-clip (Schulman et al. 2017, arXiv:1707.06347, Eq. 7), see (3), averaged over the masked tokens.
+
+    logprobs (B, T) of the current policy (with grad); old_logprobs, advantages (B, T) from the rollout.
+    loss = mean of max(-A*rho, -A*clip(rho, 1-eps, 1+eps)), rho = exp(logprobs - old_logprobs).
+    stats (detached 0-d tensors, no host sync):
+      clip_fraction: share of masked tokens where the clipped term is strictly the larger, i.e. rho left
+                     [1-eps, 1+eps] in the direction A favours and A != 0: exactly the tokens with zero gradient;
+      approx_kl:     mean of (rho - 1) - log rho, the k3 estimator of KL(pi_old||pi) (Schulman, "Approximating
+                     KL divergence"): unbiased under tokens sampled from pi_old since E_old[rho] = 1, and >= 0.
+    """
+    log_ratio = logprobs - old_logprobs                                           # (B, T)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio                                               # (B, T)
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = dict(clip_fraction=masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+                     approx_kl=masked_mean((ratio - 1) - log_ratio, mask))
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, clip_range_value):
+    """Clipped value loss (Ziegler et al. 2019, arXiv:1909.08593; OpenAI baselines' PPO2), see (4).
+
+    v_clipped = old_values + clip(values - old_values, -c, c); loss = 0.5 * mean over the mask of
+    max((values - returns)^2, (v_clipped - returns)^2). stats: value_clip_fraction = share of masked tokens where
+    the clipped error is strictly the larger (those tokens get no gradient), a detached 0-d tensor.
+    """
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    err = (values - returns) ** 2                                                 # (B, T)
+    err_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        stats = dict(value_clip_fraction=masked_mean((err_clipped > err).to(err.dtype), mask))
+    return loss, stats
+
+
+def entropy_from_logits(logits):
+    """Entropy of softmax(logits) along the last dim, shape (...,). H = -sum p log p with log p = logits - lse,
+    so H = lse - sum p*logits, without ever taking the log of a tiny p. Logits must be finite."""
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+
+
+@torch.no_grad()
+def explained_variance(values, returns, mask):
+    """1 - Var[returns - values] / Var[returns] over the mask, a float: 1 for a perfect value head, 0 for one no
+    better than predicting the mean, negative for a worse one; nan when the returns do not vary."""
+    var_returns = masked_var(returns, mask).item()
+    if var_returns == 0:
+        return float("nan")
+    return 1.0 - masked_var(returns - values, mask).item() / var_returns
+
+
+def bradley_terry_loss(chosen_scores, rejected_scores):
+    """Reward-model loss on preference pairs (Bradley & Terry 1952; Ouyang et al. 2022, InstructGPT,
+    arXiv:2203.02155, Eq. 1): -log sigmoid(r_w - r_l), the negative log-likelihood of the observed preference.
+    chosen_scores, rejected_scores (B,). Returns (losses (B,), accuracy = share of pairs with r_w > r_l, a float;
+    a tie counts as wrong). Only differences are fitted, so the scores' offset is free (normalise it afterwards)."""
+    losses = -F.logsigmoid(chosen_scores - rejected_scores)                       # (B,)
+    accuracy = (chosen_scores > rejected_scores).float().mean().item()
+    return losses, accuracy
+
+
+class AdaptiveKLController:
+    """Adaptive kl_coef of Ziegler et al. 2019 (arXiv:1909.08593, section 2.2): a proportional controller that
+    raises beta when the observed KL is above target and lowers it when below, with the error clipped to +-0.2:
+        beta *= 1 + clip(KL/target - 1, -0.2, 0.2) * n_steps/horizon."""
+
+    def __init__(self, init_kl_coef, target, horizon):
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
+
+    def update(self, observed_kl, n_steps):
+        error = min(max(float(observed_kl) / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = float(state["value"])

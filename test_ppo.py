@@ -1,0 +1,225 @@
+"""
+Tests of ppo.py: per-token rewards, GAE, the clipped policy and value losses, the reward model's loss and
+the helpers. Every expected number is worked out by hand in the test's docstring and written as a literal.
+Run: python -m pytest -q test_ppo.py
+"""
+import math
+
+import pytest
+import torch
+
+from ppo import (AdaptiveKLController, bradley_terry_loss, entropy_from_logits, explained_variance, gae,
+                 masked_mean, masked_whiten, per_token_rewards, policy_loss, value_loss)
+
+
+def t(*rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def m(*rows):
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def close(a, b, tol=1e-6):
+    return torch.allclose(a, torch.as_tensor(b, dtype=a.dtype), atol=tol, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# rewards and advantages
+
+def test_per_token_rewards_worked_case():
+    """kl_coef 0.1. Row 0 (3 tokens, score 2.0): kl = [-1-(-1.5), -2-(-1), -0.5-(-0.5)] = [0.5, -1, 0],
+    rewards = -0.1*kl + score at the last token = [-0.05, 0.1, 0 + 2.0].
+    Row 1 (2 tokens + pad, score -1.0): kl = [-0.2-(-1.2), -3-(-2.5)] = [1, -0.5], pad 0;
+    rewards = [-0.1, 0.05 - 1.0, 0] = [-0.1, -0.95, 0]: the score lands on column 1, not on the pad."""
+    logprobs = t([-1.0, -2.0, -0.5], [-0.2, -3.0, -9.0])
+    ref = t([-1.5, -1.0, -0.5], [-1.2, -2.5, -1.0])
+    mask = m([1, 1, 1], [1, 1, 0])
+    rewards, kl = per_token_rewards(logprobs, ref, mask, t(2.0, -1.0), kl_coef=0.1)
+    assert close(kl, [[0.5, -1.0, 0.0], [1.0, -0.5, 0.0]])
+    assert close(rewards, [[-0.05, 0.1, 2.0], [-0.1, -0.95, 0.0]])
+
+
+# GAE example: gamma 0.9, lam 0.5 (gamma*lam 0.45). Row 1 has length 2; its pad column holds garbage.
+REWARDS = t([1.0, 0.0, 2.0], [1.0, 3.0, 7.0])
+VALUES = t([0.5, 1.0, 1.5], [2.0, 1.0, 5.0])
+MASK = m([1, 1, 1], [1, 1, 0])
+
+
+def test_gae_worked_case():
+    """gamma 0.9, lam 0.5, so gamma*lam = 0.45.
+    Row 0: delta_2 = 2 + 0.9*0 - 1.5 = 0.5 (terminal: V = 0 after the last token)
+           delta_1 = 0 + 0.9*1.5 - 1.0 = 0.35,  delta_0 = 1 + 0.9*1.0 - 0.5 = 1.4
+           A_2 = 0.5, A_1 = 0.35 + 0.45*0.5 = 0.575, A_0 = 1.4 + 0.45*0.575 = 1.65875
+           returns = A + V = [2.15875, 1.575, 2.0]
+    Row 1 (length 2): delta_1 = 3 + 0.9*0 - 1 = 2 (the pad's V = 5 must not enter: that would give 6.5),
+           delta_0 = 1 + 0.9*1 - 2 = -0.1; A_1 = 2, A_0 = -0.1 + 0.45*2 = 0.8; returns [2.8, 3.0]; pad 0."""
+    adv, ret = gae(REWARDS, VALUES, MASK, gamma=0.9, lam=0.5)
+    assert close(adv, [[1.65875, 0.575, 0.5], [0.8, 2.0, 0.0]])
+    assert close(ret, [[2.15875, 1.575, 2.0], [2.8, 3.0, 0.0]])
+
+
+def test_gae_lambda_one_is_monte_carlo_minus_value():
+    """lam = 1: A_t = sum_l 0.9^l r_{t+l} - V_t.
+    Row 0: G_2 = 2, G_1 = 0 + 0.9*2 = 1.8, G_0 = 1 + 0.9*1.8 = 2.62; A = [2.62-0.5, 1.8-1, 2-1.5] = [2.12, 0.8, 0.5]
+    and the returns are G itself. Row 1: G_1 = 3, G_0 = 1 + 0.9*3 = 3.7; A = [3.7-2, 3-1] = [1.7, 2.0]."""
+    adv, ret = gae(REWARDS, VALUES, MASK, gamma=0.9, lam=1.0)
+    assert close(adv, [[2.12, 0.8, 0.5], [1.7, 2.0, 0.0]])
+    assert close(ret, [[2.62, 1.8, 2.0], [3.7, 3.0, 0.0]])
+
+
+def test_gae_lambda_zero_is_one_step_td_error():
+    """lam = 0: A_t = delta_t, the deltas of test_gae_worked_case: row 0 [1.4, 0.35, 0.5], row 1 [-0.1, 2.0];
+    returns = delta + V = r_t + 0.9*V_{t+1}: row 0 [1.9, 1.35, 2.0], row 1 [1.9, 3.0]."""
+    adv, ret = gae(REWARDS, VALUES, MASK, gamma=0.9, lam=0.0)
+    assert close(adv, [[1.4, 0.35, 0.5], [-0.1, 2.0, 0.0]])
+    assert close(ret, [[1.9, 1.35, 2.0], [1.9, 3.0, 0.0]])
+
+
+def test_undiscounted_return_is_the_kl_regularised_objective():
+    """Derivation (1): with gamma = lam = 1 the return at t = 0 is r(x,y) - beta*sum_t k_t, whatever the values.
+    Rows of test_per_token_rewards_worked_case: row 0: 2.0 - 0.1*(0.5 - 1 + 0) = 2.05;
+    row 1: -1.0 - 0.1*(1 - 0.5) = -1.05."""
+    logprobs = t([-1.0, -2.0, -0.5], [-0.2, -3.0, -9.0])
+    ref = t([-1.5, -1.0, -0.5], [-1.2, -2.5, -1.0])
+    mask = m([1, 1, 1], [1, 1, 0])
+    rewards, _ = per_token_rewards(logprobs, ref, mask, t(2.0, -1.0), kl_coef=0.1)
+    _, ret = gae(rewards, t([3.0, -4.0, 0.7], [0.1, 9.0, 5.0]), mask, gamma=1.0, lam=1.0)
+    assert close(ret[:, 0], [2.05, -1.05])
+
+
+# ------------------------------------------------------------------------------------------------
+# the clipped losses
+
+def _ppo_case():
+    """ratios [0.5, 1, 1.5] with A = +2 (row 0) and A = -1 (row 1); a pad column with ratio e^3 and A = +2."""
+    log_ratio = t([math.log(0.5), 0.0, math.log(1.5), 3.0], [math.log(0.5), 0.0, math.log(1.5), 3.0])
+    logprobs = log_ratio.clone().requires_grad_(True)
+    adv = t([2.0, 2.0, 2.0, 2.0], [-1.0, -1.0, -1.0, -1.0])
+    return logprobs, torch.zeros_like(log_ratio), adv, m([1, 1, 1, 0], [1, 1, 1, 0])
+
+
+def test_policy_loss_worked_case():
+    """clip 0.2, so clip(rho) is in [0.8, 1.2]; per-token loss max(-A*rho, -A*clip(rho)):
+      A = +2: rho 0.5: max(-1, -1.6) = -1;    rho 1: max(-2, -2) = -2;    rho 1.5: max(-3, -2.4) = -2.4 (clipped)
+      A = -1: rho 0.5: max(0.5, 0.8) = 0.8 (clipped);  rho 1: 1;           rho 1.5: max(1.5, 1.2) = 1.5
+    mean over the 6 real tokens: (-1 - 2 - 2.4 + 0.8 + 1 + 1.5)/6 = -2.1/6 = -0.35.
+    clip_fraction: 2 of 6 (rho 1.5 with A > 0, rho 0.5 with A < 0) = 1/3; the pad (rho e^3, A > 0, clipped) is out.
+    approx_kl: (rho - 1) - log rho = -0.5 + ln 2 (rho 0.5), 0 (rho 1), 0.5 - ln 1.5 (rho 1.5), each twice:
+    2*(ln 2 - ln 1.5)/6 = ln(4/3)/3 = 0.28768207/3 = 0.09589402. (Here the (rho - 1) terms cancel, so a k1
+    estimator -log rho would give the same; a lone token with rho = 2 tells them apart: k3 = 1 - ln 2 = 0.30685282,
+    k1 = -ln 2 < 0.)"""
+    logprobs, old, adv, mask = _ppo_case()
+    loss, stats = policy_loss(logprobs, old, adv, mask, clip_range=0.2)
+    assert loss.item() == pytest.approx(-0.35)
+    assert stats["clip_fraction"].item() == pytest.approx(1 / 3)
+    assert stats["approx_kl"].item() == pytest.approx(0.09589402, abs=1e-8)
+    _, stats = policy_loss(t([math.log(2.0)]), t([0.0]), t([1.0]), m([1]), clip_range=0.2)
+    assert stats["approx_kl"].item() == pytest.approx(0.30685282, abs=1e-8)
+
+
+def test_policy_loss_gradient_vanishes_exactly_on_clipped_tokens():
+    """d(-A*rho)/d logprob = -A*rho (d rho/d logprob = rho), divided by 6 for the mean. Unclipped tokens:
+    A = +2: rho 0.5 -> -1/6, rho 1 -> -2/6; A = -1: rho 1 -> 1/6, rho 1.5 -> 1.5/6.
+    The clipped term is a constant, so rho 1.5 with A = +2 and rho 0.5 with A = -1 get 0, and so does the pad."""
+    logprobs, old, adv, mask = _ppo_case()
+    loss, _ = policy_loss(logprobs, old, adv, mask, clip_range=0.2)
+    loss.backward()
+    assert close(logprobs.grad, [[-1 / 6, -2 / 6, 0.0, 0.0], [0.0, 1 / 6, 1.5 / 6, 0.0]], tol=1e-12)
+
+
+def test_value_loss_clipping_active_and_inactive():
+    """Old value 1 for all three real tokens, clip c = 0.2 (v_clipped = old + clip(v - old, -0.2, 0.2)):
+      a: v 1.1, R 2.0: |1.1-1| <= 0.2, v_clipped = 1.1, both errors 0.81 -> 0.81        (not clipped)
+      b: v 1.5, R 2.0: v_clipped 1.2, errors 0.25 and 0.64 -> 0.64                       (clipped larger)
+      c: v 1.5, R 1.0: v_clipped 1.2, errors 0.25 and 0.04 -> 0.25 (moving away is penalised in full)
+    loss = 0.5*(0.81 + 0.64 + 0.25)/3 = 0.5*1.7/3 = 0.28333333; value_clip_fraction = 1/3.
+    Gradient d/dv of 0.5*(v - R)^2/3 = (v - R)/3 for the unclipped terms: a (1.1-2)/3 = -0.3, b 0 (clipped),
+    c (1.5-1)/3 = 1/6; the pad 0.
+    With c = 10 nothing is clipped: 0.5*(0.81 + 0.25 + 0.25)/3 = 0.21833333, value_clip_fraction 0."""
+    values = t([1.1, 1.5, 1.5, 40.0]).requires_grad_(True)
+    old, returns, mask = t([1.0, 1.0, 1.0, 0.0]), t([2.0, 2.0, 1.0, -3.0]), m([1, 1, 1, 0])
+    loss, stats = value_loss(values, old, returns, mask, clip_range_value=0.2)
+    assert loss.item() == pytest.approx(0.28333333, abs=1e-8)
+    assert stats["value_clip_fraction"].item() == pytest.approx(1 / 3)
+    loss.backward()
+    assert close(values.grad, [[-0.3, 0.0, 1 / 6, 0.0]], tol=1e-12)
+    loss, stats = value_loss(values, old, returns, mask, clip_range_value=10.0)
+    assert loss.item() == pytest.approx(0.21833333, abs=1e-8)
+    assert stats["value_clip_fraction"].item() == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# reward model
+
+def test_bradley_terry_loss_and_accuracy():
+    """Margins r_w - r_l = [0 - 0, 3 - 1, 0.5 - 1.5, 2.5 - 2] = [0, 2, -1, 0.5]; loss -log sigmoid(d) = ln(1 + e^-d):
+      0 -> ln 2 = 0.69314718;  2 -> ln(1 + e^-2) = ln 1.13533528 = 0.12692801;
+     -1 -> ln(1 + e) = ln 3.71828183 = 1.31326169;  0.5 -> ln(1 + e^-0.5) = ln 1.60653066 = 0.47407698.
+    Accuracy: right on margins 2 and 0.5, wrong on -1 and on the tie: 2/4 = 0.5 (a tie counted right would be 0.75)."""
+    losses, acc = bradley_terry_loss(t(0.0, 3.0, 0.5, 2.5), t(0.0, 1.0, 1.5, 2.0))
+    assert close(losses, [0.69314718, 0.12692801, 1.31326169, 0.47407698], tol=1e-8)
+    assert acc == 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+def test_masked_mean_and_whiten():
+    """Masked entries 1, 2, 3 (the rest is garbage): mean 2; along dim 1: row 0 (1+2)/2 = 1.5, row 1 3.
+    Whiten: population var ((1-2)^2 + 0 + (3-2)^2)/3 = 2/3, so (x - 2)/sqrt(2/3) = (x - 2)*1.22474487:
+    [-1.22474487, 0, 1.22474487], masked entries 0; then mean 0 and variance 1 (up to eps = 1e-8).
+    shift_mean=False adds 2 back: [0.77525513, 2, 3.22474487], whose masked mean stays 2."""
+    x, mask = t([1.0, 2.0, 50.0], [3.0, -7.0, 8.0]), m([1, 1, 0], [1, 0, 0])
+    assert masked_mean(x, mask).item() == pytest.approx(2.0)
+    assert close(masked_mean(x, mask, dim=1), [1.5, 3.0])
+    w = masked_whiten(x, mask)
+    assert close(w, [[-1.22474487, 0.0, 0.0], [1.22474487, 0.0, 0.0]], tol=1e-7)
+    assert masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-12)
+    assert masked_mean(w ** 2, mask).item() == pytest.approx(1.0, abs=1e-7)
+    s = masked_whiten(x, mask, shift_mean=False)
+    assert close(s, [[0.77525513, 2.0, 0.0], [3.22474487, 0.0, 0.0]], tol=1e-7)
+    assert masked_mean(s, mask).item() == pytest.approx(2.0)
+
+
+def test_entropy_from_logits():
+    """Uniform over V = 5 (any constant logit, here 7): ln 5 = 1.60943791.
+    Logits [ln 8, 0, 0]: p = [8, 1, 1]/10; H = -0.8 ln 0.8 - 2*0.1 ln 0.1 = 0.17851484 + 0.46051702 = 0.63903186.
+    Logits [1000, 0, 0] (float32): p = [1, 0, 0] after underflow; H = lse - sum p*logits = 1000 - 1000 = 0,
+    finite where -sum p log p would give 0 * -inf = nan. Shapes: (2, 3, V) -> (2, 3)."""
+    assert entropy_from_logits(torch.full((2, 3, 5), 7.0)).shape == (2, 3)
+    assert close(entropy_from_logits(torch.full((2, 3, 5), 7.0)), torch.full((2, 3), 1.60943791), tol=1e-6)
+    assert entropy_from_logits(t([math.log(8.0), 0.0, 0.0])).item() == pytest.approx(0.63903186, abs=1e-8)
+    assert entropy_from_logits(torch.tensor([1000.0, 0.0, 0.0])).item() == 0.0
+
+
+def test_explained_variance():
+    """Returns [1, 2, 3] over the mask (pads hold garbage); Var = 2/3.
+    values = returns: residual 0, EV = 1. values = 2 (the mean): residual [-1, 0, 1], Var 2/3, EV = 1 - 1 = 0.
+    values [1, 2, 4]: residual [0, 0, -1], mean -1/3, Var = (1/9 + 1/9 + 4/9)/3 = 2/9, EV = 1 - (2/9)/(2/3) = 2/3.
+    Constant returns: Var 0 -> nan."""
+    ret, mask = t([1.0, 2.0, 3.0, 100.0]), m([1, 1, 1, 0])
+    assert explained_variance(t([1.0, 2.0, 3.0, -5.0]), ret, mask) == pytest.approx(1.0)
+    assert explained_variance(t([2.0, 2.0, 2.0, 0.0]), ret, mask) == pytest.approx(0.0, abs=1e-12)
+    assert explained_variance(t([1.0, 2.0, 4.0, 0.0]), ret, mask) == pytest.approx(2 / 3)
+    assert math.isnan(explained_variance(t([1.0, 2.0, 4.0, 0.0]), t([5.0, 5.0, 5.0, 1.0]), mask))
+
+
+def test_adaptive_kl_controller():
+    """init 0.2, target 6, horizon 10000.
+    KL 9 after 256 steps: 9/6 - 1 = 0.5, clipped to 0.2: 0.2*(1 + 0.2*256/10000) = 0.2*1.00512 = 0.201024.
+    KL 5.4 after 512 steps: 5.4/6 - 1 = -0.1 (inside the clip): 0.201024*(1 - 0.1*0.0512) = 0.201024*0.99488
+    = 0.201024 - 0.00102924288 = 0.19999475712.
+    KL 0 after 10000 steps: error -1 clipped to -0.2: 0.19999475712*0.8 = 0.159995805696.
+    A controller loaded from state_dict() after the first update follows the same path exactly."""
+    ctl = AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    ctl.update(9.0, n_steps=256)
+    assert ctl.value == pytest.approx(0.201024, abs=1e-12)
+    resumed = AdaptiveKLController(0.5, target=6.0, horizon=10000)
+    resumed.load_state_dict(ctl.state_dict())
+    for c in (ctl, resumed):
+        c.update(5.4, n_steps=512)
+        assert c.value == pytest.approx(0.19999475712, abs=1e-12)
+        c.update(0.0, n_steps=10000)
+        assert c.value == pytest.approx(0.159995805696, abs=1e-12)
+    assert resumed.value == ctl.value
