@@ -1,17 +1,13 @@
 """
-Tests of data.py: preference files, tokenization and truncation, splits and batches, and the
-embedded reviews task. Expected values are derived in each docstring.
+Tests of data.py, in the order of its code: preference files, tokenizers, tokenization and
+truncation, collation, splits and batches, and the embedded reviews task. Expected values are
+derived in each docstring.
 """
-import base64
 import gzip
 import json
 import math
 import os
 import random
-import re
-import subprocess
-import sys
-import time
 
 import pytest
 import tiktoken
@@ -21,17 +17,12 @@ import data
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-# ================================================================================================
-# data.py: loading, tokenization, batches, the embedded task
-# ================================================================================================
 HH_PATH = os.path.join(HERE, "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
 GPT2_PATH = os.path.join(HERE, "..", "shared", "data", "gpt2-bpe", "gpt2.tiktoken")
 
 
-# -----------------------------------------------------------------------------
-# loading
+# ------------------------------------------------------------------------------------------------
+# loading preference pairs
 
 EXPECTED = [
     {"prompt": "\n\nHuman: Hi there\n\nAssistant:", "chosen": " Hello! How can I help?", "rejected": " Go away."},
@@ -156,8 +147,26 @@ def test_empty_and_identical_responses_are_skipped_and_counted(tmp_path, capsys)
         "loaded 1 pairs from s.jsonl (skipped 3: empty_response=1, identical=1, prompt_mismatch=1)")
 
 
-# -----------------------------------------------------------------------------
-# tokenization and collation
+# ------------------------------------------------------------------------------------------------
+# tokenization and padding
+
+def test_get_tokenizer_bytes_and_offline_gpt2():
+    """"bytes": ids are UTF-8 bytes ("hé" -> 104, 0xC3, 0xA9), eot 256, n_vocab
+    257, and "<|endoftext|>" in text stays plain bytes. The offline GPT-2 file
+    gives the known ids "Hello world" -> [15496, 995] and eot 50256. An unknown
+    name fails with a hint at the offline .tiktoken path."""
+    enc = data.get_tokenizer("bytes")
+    assert (enc.n_vocab, enc.eot_token) == (257, 256)
+    assert enc.encode_ordinary("hé") == [104, 0xC3, 0xA9]
+    assert enc.encode_ordinary("<|endoftext|>") == list(b"<|endoftext|>")
+    with pytest.raises(ValueError, match=r"\.tiktoken"):
+        data.get_tokenizer("no-such-encoding")
+    if not os.path.exists(GPT2_PATH):
+        pytest.skip(f"offline GPT-2 BPE not found at {GPT2_PATH}")
+    gpt2 = data.get_tokenizer(GPT2_PATH)
+    assert gpt2.encode_ordinary("Hello world") == [15496, 995]
+    assert (gpt2.eot_token, gpt2.n_vocab) == (50256, 50257)
+
 
 def _toy_bpe():
     """256 byte ranks, then merges he=256, ll=257, hell=258, hello=259; eot=260."""
@@ -182,11 +191,57 @@ def test_toy_bpe_ids_separate_encoding_and_appended_eot():
                    ([260], [32, 259, 260], [256, 260])]
 
 
+def test_tokenize_sft_appends_eot_and_cuts_like_pairs(capsys):
+    """tokenize_sft encodes prompt and response separately and appends eot 260 to the response:
+    ("hel", "lo") -> ([he, l], [l, o, eot]) = ([256, 108], [108, 111, 260]); an empty prompt
+    becomes [eot]. Truncation is tokenize_pairs': prompt "hell he hello hello" -> [258, 32,256,
+    32,259, 32,259] (7 ids), response " hello hello" -> [32,259,32,259] + eot (5); block 7, min 3:
+    keep max(7-5, 3) = 3 prompt ids, the LAST three [259, 32, 259] (the first three would be
+    [258, 32, 256]); room 4 cuts the response's eot."""
+    enc = _toy_bpe()
+    assert data.tokenize_sft([("hel", "lo"), ("", " hello")], enc, 64, verbose=False) == [
+        ([256, 108], [108, 111, 260]), ([260], [32, 259, 260])]
+    assert data.tokenize_sft([("hell he hello hello", " hello hello")], enc, 7, min_prompt_tokens=3) == [
+        ([259, 32, 259], [32, 259, 32, 259])]
+    assert capsys.readouterr().out.strip() == \
+        "tokenized 1 sequences (block_size 7): prompt cut in 1, responses cut in 1, skipped 0"
+
+
+def test_truncation_cuts_prompt_start_then_response_end(capsys):
+    """Prompt "hell he hello hello" -> [258, 32,256, 32,259, 32,259] (7 ids; its start and its end
+    differ, so a cut from the wrong side shows); chosen " hello hello" -> [32,259,32,259,260] (5);
+    rejected " hell" -> [32,258,260] (3). block 10, min 3: keep max(10-5, 3) = 5 prompt ids, the
+    last five [256, 32, 259, 32, 259] (not the first five [258, 32, 256, 32, 259]); responses fit.
+    block 7: keep max(2, 3) = 3 prompt ids [259, 32, 259], room 4 -> the chosen loses its eot,
+    the rejected fits. Then a pair that becomes identical after the cut (" hello hello" vs
+    " hello hell", block 5: room 2 -> both [32, 259]) and, with min_prompt_tokens 4 = block 4,
+    one with no room left."""
+    enc = _toy_bpe()
+    prompt = "hell he hello hello"
+    pair = {"prompt": prompt, "chosen": " hello hello", "rejected": " hell"}
+    assert data.tokenize_pairs([pair], enc, 10, min_prompt_tokens=3) == [
+        ([256, 32, 259, 32, 259], [32, 259, 32, 259, 260], [32, 258, 260])]
+    assert capsys.readouterr().out.strip() == \
+        "tokenized 1 pairs (block_size 10): prompt cut in 1, responses cut in 0, skipped 0"
+    assert data.tokenize_pairs([pair], enc, 7, min_prompt_tokens=3) == [
+        ([259, 32, 259], [32, 259, 32, 259], [32, 258, 260])]
+    assert capsys.readouterr().out.strip() == \
+        "tokenized 1 pairs (block_size 7): prompt cut in 1, responses cut in 1, skipped 0"
+    same = {"prompt": prompt, "chosen": " hello hello", "rejected": " hello hell"}
+    assert data.tokenize_pairs([same], enc, 5, min_prompt_tokens=3) == []
+    assert data.tokenize_pairs([pair], enc, 4, min_prompt_tokens=4) == []
+    out = capsys.readouterr().out.strip().split("\n")
+    assert out == ["tokenized 0 pairs (block_size 5): prompt cut in 1, responses cut in 1, skipped 1 (identical=1)",
+                   "tokenized 0 pairs (block_size 4): prompt cut in 1, responses cut in 0, skipped 1 (no_room=1)"]
+
+
 def test_collate_exact_ids_and_mask():
-    """Using the two triples above with pad_id 0: rows are [p+c for each] then
+    """The two triples of the toy BPE test, pad_id 0: rows are [p+c for each] then
     [p+r for each]; lengths 5, 4, 4, 3 -> T = 5. Mask is True on response
     positions (incl. eot) only: row 0 = prompt 2 + response 3, row 1 = prompt
-    1 + response 3, row 2 = prompt 2 + response 2, row 3 = prompt 1 + response 2."""
+    1 + response 3, row 2 = prompt 2 + response 2, row 3 = prompt 1 + response 2.
+    collate_sft pads (prompt, response) rows the same way: lengths 3 and 4 -> T = 4,
+    pad 9 at the end of the short row, mask on the response tokens."""
     ex = [([256, 108], [108, 111, 260], [108, 260]), ([260], [32, 259, 260], [256, 260])]
     ids, mask = data.collate(ex, pad_id=0)
     assert ids.dtype == torch.long and mask.dtype == torch.bool
@@ -201,51 +256,7 @@ def test_collate_exact_ids_and_mask():
     assert mask.tolist() == [[F, F, T, F], [F, T, T, T]]
 
 
-def test_truncation_cuts_prompt_start_then_response_end(capsys):
-    """Prompt "hello hello hello hello" -> [259, 32,259, 32,259, 32,259] (7 ids);
-    chosen " hello hello" -> [32,259,32,259,260] (5); rejected " hell" ->
-    [32,258,260] (3). block 10, min 3: keep max(10-5, 3) = 5 prompt ids (its
-    end), responses fit. block 7: keep max(2, 3) = 3 prompt ids, room 4 -> the
-    chosen loses its eot, the rejected fits. Then a pair that becomes identical
-    after the cut (" hello hello" vs " hello hell", room 2 -> both [32, 259])
-    and, with min_prompt_tokens >= block, one with no room left."""
-    enc = _toy_bpe()
-    pair = {"prompt": "hello hello hello hello", "chosen": " hello hello", "rejected": " hell"}
-    assert data.tokenize_pairs([pair], enc, 10, min_prompt_tokens=3) == [
-        ([259, 32, 259, 32, 259], [32, 259, 32, 259, 260], [32, 258, 260])]
-    assert capsys.readouterr().out.strip() == \
-        "tokenized 1 pairs (block_size 10): prompt cut in 1, responses cut in 0, skipped 0"
-    assert data.tokenize_pairs([pair], enc, 7, min_prompt_tokens=3) == [
-        ([259, 32, 259], [32, 259, 32, 259], [32, 258, 260])]
-    assert capsys.readouterr().out.strip() == \
-        "tokenized 1 pairs (block_size 7): prompt cut in 1, responses cut in 1, skipped 0"
-    same = {"prompt": "hello hello hello hello", "chosen": " hello hello", "rejected": " hello hell"}
-    assert data.tokenize_pairs([same], enc, 5, min_prompt_tokens=3) == []
-    assert data.tokenize_pairs([pair], enc, 4, min_prompt_tokens=4) == []
-    out = capsys.readouterr().out.strip().split("\n")
-    assert out == ["tokenized 0 pairs (block_size 5): prompt cut in 1, responses cut in 1, skipped 1 (identical=1)",
-                   "tokenized 0 pairs (block_size 4): prompt cut in 1, responses cut in 0, skipped 1 (no_room=1)"]
-
-
-def test_get_tokenizer_bytes_and_offline_gpt2():
-    """"bytes": ids are UTF-8 bytes ("hé" -> 104, 0xC3, 0xA9), eot 256, n_vocab
-    257, and "<|endoftext|>" in text stays plain bytes. The offline GPT-2 file
-    gives the known ids "Hello world" -> [15496, 995] and eot 50256. An unknown
-    name fails with a hint at the offline .tiktoken path."""
-    enc = data.get_tokenizer("bytes")
-    assert (enc.n_vocab, enc.eot_token) == (257, 256)
-    assert enc.encode_ordinary("hé") == [104, 0xC3, 0xA9]
-    assert enc.encode_ordinary("<|endoftext|>") == list(b"<|endoftext|>")
-    with pytest.raises(ValueError, match=r"\.tiktoken"):
-        data.get_tokenizer("no-such-encoding")
-    if not os.path.exists(GPT2_PATH):
-        pytest.skip(f"offline GPT-2 BPE not found at {GPT2_PATH}")
-    gpt2 = data.get_tokenizer(GPT2_PATH)
-    assert gpt2.encode_ordinary("Hello world") == [15496, 995]
-    assert (gpt2.eot_token, gpt2.n_vocab) == (50256, 50257)
-
-
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # splits and batches
 
 def test_split_by_prompt_keeps_prompts_whole_and_is_deterministic():
@@ -288,7 +299,7 @@ def test_batches_determinism_resume_and_rank_sharding():
         data.Batches(ex, 4, seed=0, world_size=3)
 
 
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # the reviews task
 
 def test_reward_by_hand_and_garbage():
@@ -302,6 +313,28 @@ def test_reward_by_hand_and_garbage():
         assert math.isfinite(data.reward("p", junk)) and not data.is_valid(junk)
     assert data.is_valid(" funny, and the plot was not dull.")
     assert data.is_valid(" funny, and the plot was not dull.<|endoftext|>")
+
+
+def test_corrupted_responses_are_invalid():
+    """300 seeded sft responses, each corrupted once. Changing one character to a different one
+    always breaks the grammar (every character is fixed by it): 300 of 300 invalid. Dropping a word
+    keeps the response valid exactly when the word was an optional "not", "very" or "truly"
+    (asserted case by case); with this seed that happens 22 times: 278 of 300 invalid."""
+    rng = random.Random(0)
+    responses = [r for _, r in data.make_task(seed=1, n_sft=300, n_pairs=0, n_val_pairs=0)["sft"]]
+    changed = []
+    for r in responses:
+        i = rng.randrange(len(r))
+        changed.append(r[:i] + rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz ,." if c != r[i]]) + r[i + 1:])
+    assert sum(not data.is_valid(c) for c in changed) == 300
+    invalid = 0
+    for r in responses:
+        words = r.split(" ")
+        i = rng.randrange(1, len(words))
+        valid = data.is_valid(" ".join(words[:i] + words[i + 1:]))
+        assert valid == (words[i] in ("not", "very", "truly")), (r, words[i])
+        invalid += not valid
+    assert invalid == 278
 
 
 def test_make_task_is_deterministic_valid_and_ranked():
@@ -322,29 +355,10 @@ def test_make_task_is_deterministic_valid_and_ranked():
     assert all(p.endswith((" felt", " was", " seemed")) for p in seen)
 
 
-def test_make_task_defaults_are_fast_and_varied():
-    """The default task builds in < 5 s; latent tones give every reward from
-    -4 to +4 (1 + up to 3 adjectives) in the sft data; eval prompts >= 256."""
-    start = time.time()
+def test_make_task_defaults_are_varied():
+    """With the defaults, latent tones give every reward from -4 to +4 in the sft data (a response
+    has 1 + 1..3 adjectives, each +-1, so 2..4 of them: |reward| <= 4, odd values from 3); the
+    256 eval prompts cycle through all 16 held-out opener x genre combinations x 3 verbs = 48."""
     t = data.make_task()
-    assert time.time() - start < 5
     assert {data.reward(p, r) for p, r in t["sft"]} == {float(x) for x in range(-4, 5)}
-    assert len(t["eval_prompts"]) >= 256
-
-
-def test_corrupted_responses_are_mostly_invalid():
-    """Changing one random character breaks the grammar always (measured: 100%);
-    dropping a word does unless the word was an optional "not"/"very"/"truly"
-    (measured: ~92% invalid). Require >= 80% invalid for each corruption."""
-    rng = random.Random(0)
-    responses = [r for _, r in data.make_task(seed=1, n_sft=300, n_pairs=0, n_val_pairs=0)["sft"]]
-    def change_char(r):
-        i = rng.randrange(len(r))
-        return r[:i] + rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz ,." if c != r[i]]) + r[i + 1:]
-    def drop_word(r):
-        words = r.split(" ")
-        i = rng.randrange(1, len(words))
-        return " ".join(words[:i] + words[i + 1:])
-    for corrupt in (change_char, drop_word):
-        bad = [not data.is_valid(corrupt(r)) for r in responses]
-        assert sum(bad) >= 0.8 * len(bad), (corrupt.__name__, sum(bad))
+    assert len(t["eval_prompts"]) == 256 and len(set(t["eval_prompts"])) == 48
