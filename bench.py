@@ -10,7 +10,7 @@ matmul, fp32 and bf16); a full DPO training step (policy forward+backward on cho
 concatenated, reference forward or precomputed log-probs, the loss, an AdamW step) for two model
 shapes, two dtypes and both kinds of reference; and KV-cached against uncached sampling.
 MFU = useful FLOPs / (seconds x the measured ceiling of the dtype). Useful FLOPs per token: 6N + 12*L*T*C
-for the trained policy and 2N + 4*L*T*C for the reference (N: matmul parameters of the blocks; the
+for the trained policy and 2N + 4*L*T*C for the reference (N: the matmul weights of the blocks; the
 attention terms as in the PaLM paper's appendix), plus 6*V*C (policy) and 2*V*C (reference) for the
 output layer at each position that predicts a response token: the prompt's logits are never needed.
 Ends with one JSON line of every figure.
@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 
@@ -89,6 +90,18 @@ def make_batch(vocab, device, seed=0):
     return ids, mask
 
 
+def dpo_step_flops(model, ids, mask, precomputed):
+    """Useful FLOPs of one DPO step on ids/mask (2B, T): every matmul of the blocks (2 FLOPs per
+    weight per token), attention's two T x T products (2*2*T*C per token and layer, as if not
+    causal, as the PaLM paper counts), and the output layer only at the positions that predict a
+    response token. The policy's forward and backward cost 3x a forward, a live reference 1x."""
+    L, C, V = model.config.n_layer, model.config.n_embd, model.config.vocab_size
+    N = sum(p.numel() for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2)
+    tokens, T, scored = ids.numel(), ids.shape[1], int(mask[:, 1:].sum())
+    fwd = 2 * (tokens * (N + 2 * L * T * C) + scored * V * C)
+    return 3 * fwd + (0 if precomputed else fwd)
+
+
 def bench_dpo_step(shape, dtype, precomputed, device, steps, compile_model):
     L, H, C, V = SHAPES[shape]
     torch.manual_seed(0)
@@ -120,11 +133,7 @@ def bench_dpo_step(shape, dtype, precomputed, device, steps, compile_model):
 
     reset_peak_memory(device)
     sec = median_time(step, steps, 1 if shape != "tiny" else 2, device)
-    T, tokens, scored = PROMPT + RESPONSE, ids.numel(), int(mask[:, 1:].sum())
-    N = policy.num_params() - V * C  # matmul parameters of the blocks; the output layer is counted apart
-    # the output layer is only needed (and only run) at the positions that predict a response token
-    fwd = 2 * (tokens * (N + 2 * L * T * C) + scored * V * C)
-    flops = 3 * fwd + (0 if precomputed else fwd)  # backward costs twice the forward
+    flops, tokens = dpo_step_flops(policy, ids, mask, precomputed), ids.numel()
     return dict(shape=shape, dtype=dtype, reference="precomputed" if precomputed else "live", sec_per_step=sec,
                 pairs_per_s=PAIRS / sec, tokens_per_s=tokens / sec, tflop_per_step=flops / 1e12,
                 peak_mem_mb=peak_memory_mb(device), first_losses=losses[:3])
@@ -144,6 +153,37 @@ def bench_sampling(shape, device, n_new, use_cache, dtype):
 
     sec = median_time(run, 1 if not use_cache else 3, 1, device)
     return dict(shape=shape, dtype=dtype, cache=use_cache, new_tokens=16 * n_new, sec=sec, tokens_per_s=16 * n_new / sec)
+
+
+def bench_ppo_iteration(shape, device, n_prompts, n_new, epochs):
+    """One PPO iteration as train.py runs it (rollout: cached sampling, then scoring by policy,
+    reference, value model and a reward model; then `epochs` passes of minibatch updates of the
+    policy and the value model), timed part by part on a random-init model and random prompts."""
+    import train  # the real stage functions, not a copy
+    L, H, C, V = SHAPES[shape]
+    torch.manual_seed(0)
+    cfg = train.parse_config([f"--max_new_tokens={n_new}", f"--rollout_batch={n_prompts}", f"--ppo_epochs={epochs}",
+                              "--ppo_minibatch=16", "--dtype=float32", f"--sample_batch_size={n_prompts}"])
+    run = SimpleNamespace(device=device, ctx=nullcontext())
+    policy = GPT(GPTConfig(vocab_size=V, block_size=PROMPT + n_new, n_layer=L, n_head=H, n_embd=C)).to(device)
+    reference = GPT(policy.config).to(device).eval().requires_grad_(False)
+    value, scorer = train.scalar_copy(policy, device), train.scalar_copy(policy, device).eval()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (policy, value)]
+    prompts = torch.randint(0, V - 1, (n_prompts, PROMPT)).tolist()
+    data = SimpleNamespace(eot=V - 1)
+    ep = train.rollout(cfg, run, data, policy, reference, value, scorer, prompts, 0, 0.1)  # warm-up
+    times = []
+    for i in range(2):
+        t0 = time.perf_counter()
+        ep = train.rollout(cfg, run, data, policy, reference, value, scorer, prompts, i, 0.1)
+        train.ppo_update(cfg, run, policy, value, optimizers, ep, torch.Generator().manual_seed(i))
+        sync(device)
+        total = time.perf_counter() - t0
+        times.append((ep.sample_s, ep.score_s, total - ep.sample_s - ep.score_s, total))
+    sample_s, score_s, update_s, total = (statistics.mean(x) for x in zip(*times))
+    return dict(shape=shape, prompts=n_prompts, new_tokens=n_new, epochs=epochs, sample_s=sample_s,
+                score_s=score_s, update_s=update_s, total_s=total, sample_share=sample_s / total,
+                mean_response=ep.lengths.mean().item())
 
 
 def main(argv):
@@ -186,8 +226,17 @@ def main(argv):
             sampling.append(s)
             print(f"{shape:<11} cache={str(use_cache):<5} {s['sec']:7.2f} s {s['tokens_per_s']:9.0f} new tokens/s")
         print(f"{shape}: the KV cache samples {sampling[-2]['tokens_per_s'] / sampling[-1]['tokens_per_s']:.1f}x faster")
+    n_prompts, n_new = (16, 32) if quick else (64, 160)
+    print(f"\nPPO iteration: {n_prompts} prompts x up to {n_new} new tokens (random-init model: no early stops), "
+          f"4 epochs of minibatches of 16, policy + value model")
+    ppo_rows = []
+    for shape in ["tiny"] if quick or device == "cpu" else list(SHAPES):
+        p = bench_ppo_iteration(shape, device, n_prompts, n_new, 4)
+        ppo_rows.append(p)
+        print(f"{shape:<11} sample {p['sample_s']:6.2f} s | score (policy, reference, value, reward) {p['score_s']:6.2f} s "
+              f"| update {p['update_s']:6.2f} s | total {p['total_s']:6.2f} s | cached sampling {p['sample_share']:.0%} of it")
     print(json.dumps(dict(device=device, torch=torch.__version__, quick=quick, compile=compile_model,
-                          ceiling_gflops=ceiling, dpo_step=rows, sampling=sampling)))
+                          ceiling_gflops=ceiling, dpo_step=rows, sampling=sampling, ppo=ppo_rows)))
 
 
 if __name__ == "__main__":

@@ -214,7 +214,7 @@ def get_tokenizer(name):
     except Exception as e:
         raise ValueError(f"cannot load tiktoken encoding {name!r} ({type(e).__name__}: {e}). "
                          f"Offline, pass 'bytes' or a .tiktoken file, "
-                         f"e.g. ../shared/data/gpt2-bpe/gpt2.tiktoken") from e
+                         f"e.g. a local copy of GPT-2's ranks, gpt2.tiktoken") from e
 
 
 def tokenize_pairs(pairs, enc, block_size, min_prompt_tokens=8, verbose=True):

@@ -263,6 +263,25 @@ class GPT(nn.Module):
         return model
 
 
+class ScalarGPT(GPT):
+    """The GPT trunk with a scalar head in place of next-token logits (the tied lm_head stays, unused):
+    a reward model reads it at the last token of prompt + response (Ouyang et al. 2022, arXiv:2203.02155),
+    PPO's value function at every position that predicts a response token. The head starts at zero, so
+    every score starts at 0 (a reward model's first Bradley-Terry loss is log 2)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.score_head = nn.Linear(cfg.n_embd, 1)
+        nn.init.zeros_(self.score_head.weight)
+        nn.init.zeros_(self.score_head.bias)
+
+    def forward(self, idx, select=None):
+        """Scores (B, T) for token ids (B, T), or (N,) at the positions `select` marks, in fp32."""
+        h = self.hidden(idx)  # (B, T, C)
+        h = (h if select is None else h[select]).float()
+        with torch.autocast(h.device.type, enabled=False):  # a score of bf16 precision would make ties
+            return self.score_head(h).squeeze(-1)
+
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
               "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 

@@ -181,3 +181,41 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state):
         self.value = float(state["value"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the per-token quantities PPO is made of, read off the models (as dpo.py's log-probabilities are for DPO)
+
+def response_space(flat, rmask):
+    """Values at the N positions that predict response tokens (row-major, as GPT.forward(select=)
+    returns them) -> (B, R) with column t the t-th response token; rmask (B, R) is True where it exists."""
+    out = flat.new_zeros(rmask.shape)
+    out[rmask] = flat
+    return out
+
+
+def token_logps(model, ids, mask, rmask, entropy=False):
+    """log pi of each sampled response token (B, R), and with entropy=True the entropy of pi there."""
+    pred = torch.zeros_like(mask)
+    pred[:, :-1] = mask[:, 1:]                             # position t-1 predicts response token t
+    logits = model(ids, select=pred).float()               # (N, V)
+    logp = torch.log_softmax(logits, -1).gather(1, ids[:, 1:][mask[:, 1:]][:, None]).squeeze(1)
+    if not entropy:
+        return response_space(logp, rmask), None
+    with torch.no_grad():  # only logged: no (N, V) softmax kept for backward
+        ent = response_space(entropy_from_logits(logits.detach()), rmask)
+    return response_space(logp, rmask), ent
+
+
+def token_values(value, ids, mask, rmask):
+    """V(s_t) (B, R): the value model at the position that predicts response token t."""
+    pred = torch.zeros_like(mask)
+    pred[:, :-1] = mask[:, 1:]
+    return response_space(value(ids, select=pred), rmask)
+
+
+def last_token_scores(model, ids, mask):
+    """A scalar model's output at each row's last response token (the end of prompt + response). -> (B,)"""
+    last = torch.zeros_like(mask)
+    last[torch.arange(len(mask)), mask.long().cumsum(1).argmax(1)] = True  # first column where the count peaks
+    return model(ids, select=last)

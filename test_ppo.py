@@ -223,3 +223,46 @@ def test_adaptive_kl_controller():
         c.update(0.0, n_steps=10000)
         assert c.value == pytest.approx(0.159995805696, abs=1e-12)
     assert resumed.value == ctl.value
+
+
+# ------------------------------------------------------------------------------------------------
+# the per-token quantities, read off the models
+
+def _rollout_batch():
+    """Two right-padded rows as data.collate_sft builds them: prompt (3 tokens) + response (4, ending
+    in eot 36), and prompt (1) + response (2), padded with eot."""
+    import data
+    return data.collate_sft([([5, 6, 7], [8, 9, 10, 36]), ([11], [12, 36])], 36)
+
+
+def test_token_logps_align_with_the_response_tokens():
+    """token_logps puts log pi(y_t | x, y_<t) of the t-th response token in column t: checked against
+    log_softmax of the full logits read at position (prompt length + t - 1), by hand for each of the
+    4 + 2 tokens; padding columns are 0; the entropy at each column is that position's entropy; and
+    each row's sum is dpo.py's summed response log-prob."""
+    from dpo import sequence_logps
+    from ppo import token_logps
+    from test_model import tiny_model
+    model = tiny_model(seed=4)
+    ids, mask = _rollout_batch()
+    rmask = m([1, 1, 1, 1], [1, 1, 0, 0])
+    lp, ent = token_logps(model, ids, mask, rmask, entropy=True)
+    full = torch.log_softmax(model(ids), -1)  # (2, 7, 37)
+    want = [[full[0, 2 + t, ids[0, 3 + t]].item() for t in range(4)],
+            [full[1, 0, 12].item(), full[1, 1, 36].item(), 0.0, 0.0]]
+    assert close(lp, want, 1e-5)
+    assert close(ent[1, :2], [-(full[1, i].exp() * full[1, i]).sum().item() for i in range(2)], 1e-5)
+    assert close(lp.sum(1), sequence_logps(model(ids), ids, mask)[0], 1e-5)
+
+
+def test_last_token_scores_read_the_end_of_each_response():
+    """A scalar model's score of a row is its output at the row's last response token: position
+    3 + 4 - 1 = 6 for the first row, 1 + 2 - 1 = 2 for the padded second row (not the padding)."""
+    from model import ScalarGPT, GPTConfig
+    from ppo import last_token_scores
+    torch.manual_seed(0)
+    rm = ScalarGPT(GPTConfig(vocab_size=37, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    torch.nn.init.normal_(rm.score_head.weight)
+    ids, mask = _rollout_batch()
+    full = rm(ids)  # (2, 7)
+    assert close(last_token_scores(rm, ids, mask), [full[0, 6].item(), full[1, 2].item()], 1e-6)

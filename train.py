@@ -1,6 +1,12 @@
 """
-DPO from nothing, in one script: train a reference by maximum likelihood (SFT), then the policy by
-Direct Preference Optimization against that frozen reference, then measure what it learned.
+DPO from nothing, in one script. The recipe, in the order `main` runs it:
+
+  1. set-up      processes, device, precision, seeds, the output folder
+  2. data        preference pairs, the SFT corpus, held-out prompts, a judge when there is one
+  3. model       the policy: from scratch, a checkpoint, GPT-2 weights, or where a run stopped
+  4. SFT         the reference, by maximum likelihood on responses; saved, frozen, loaded once
+  5. DPO         the policy against the frozen reference (or Preferred-FT, or online DPO)
+  6. evaluation  held-out preferences, then samples of policy and reference scored by the judge
 
   python train.py                                   # embedded task, CPU, a few minutes
   python train.py --beta=0.5 --dpo_lr=1e-4          # any setting, as --key=value
@@ -14,21 +20,23 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as D
-from dpo import LOSS_TYPES, concatenated_logps, dpo_loss, response_logps
-from model import GPT, GPTConfig
+import ppo as P
+from dpo import LOSS_TYPES, check_loss_args, concatenated_logps, dpo_loss, response_logps
+from model import GPT, GPTConfig, ScalarGPT
 
 # ------------------------------------------------------------------------------------------------
 # every setting: (default, what it does). Override any of them as --key=value.
 CONFIG = dict(
     # data
     data=("reviews", "'reviews' (embedded task with a judge, no download) or a .jsonl/.jsonl.gz/.json preference file"),
-    tokenizer=("bytes", "'bytes', a .tiktoken ranks file (offline GPT-2: ../shared/data/gpt2-bpe/gpt2.tiktoken) or a tiktoken name"),
+    tokenizer=("bytes", "'bytes', a tiktoken name such as 'gpt2' (downloaded once), or a local .tiktoken ranks file"),
     val_fraction=(0.05, "share of a preference file's prompts held out for evaluation"),
     min_prompt_tokens=(8, "truncation keeps at least this many prompt tokens before it cuts responses"),
     # model
@@ -42,6 +50,8 @@ CONFIG = dict(
     sft_iters=(1200, "SFT steps before DPO (0: init_from already is the reference)"),
     sft_batch_size=(32, "sequences per SFT step, per process"),
     sft_lr=(3e-3, "SFT peak learning rate (warm-up, then cosine decay to 10%)"),
+    sft_warmup_iters=(20, "SFT linear warm-up steps"),
+    sft_log_interval=(100, "SFT steps between log lines"),
     # stage 2: DPO
     dpo_iters=(150, "DPO optimizer steps"),
     batch_size=(32, "preference pairs per micro-step, per process"),
@@ -51,38 +61,68 @@ CONFIG = dict(
     optimizer=("adamw", "'adamw' or 'rmsprop' (the DPO paper's)"),
     weight_decay=(0.0, "AdamW weight decay on matrices"),
     grad_clip=(1.0, "clip the gradient norm to this (0: off)"),
-    method=("dpo", "'dpo', or 'preferred_ft': the baseline that maximises the likelihood of the chosen responses"),
+    method=("dpo", "'dpo'; 'preferred_ft' (likelihood of the chosen only); RLHF: 'reward_model', then 'ppo'"),
     beta=(1.0, "strength of the KL anchor to the reference: small beta lets the policy move further"),
     loss_type=("sigmoid", f"one of {LOSS_TYPES}"),
     label_smoothing=(0.0, "conservative DPO: assumed share of flipped labels, in [0, 0.5)"),
     reference_free=(False, "take log pi_ref = 0 (no reference model in the loss)"),
     precompute_ref=(False, "score the training set with the reference once, then drop it from memory"),
     online=(False, "online DPO: each step sample two responses per prompt from the current policy and let the judge pick"),
-    judge=("", "module:function, judge(prompt, a, b) -> 0 (a better), 1 (b better) or None; the task's own judge by default"),
+    online_redraws=(10, "online DPO: draws of a batch in which the judge called every pair a tie, before stopping"),
+    judge=("", "module:function, judge(prompt, a, b) -> 0 (a better), 1 (b better) or None, or a reward model's "
+                "ckpt.pt; the task's own judge by default"),
+    # RLHF: a Bradley-Terry reward model (--method=reward_model), then PPO with a per-token KL penalty (--method=ppo)
+    reward_model=("", "PPO-RM: a --method=reward_model run's ckpt.pt as the score; empty: the task's exact reward (PPO-GT)"),
+    rm_iters=(300, "reward model steps (batch_size pairs each)"),
+    rm_lr=(1e-3, "reward model learning rate after warm-up"),
+    ppo_iters=(100, "PPO iterations: sample rollout_batch responses, score them, then ppo_epochs passes of updates"),
+    rollout_batch=(64, "prompts per PPO iteration (one response each), per process"),
+    ppo_minibatch=(16, "responses per PPO update step (divides rollout_batch)"),
+    ppo_epochs=(4, "passes over each rollout batch"),
+    ppo_lr=(1e-4, "learning rate of the policy and of the value model after warm-up"),
+    kl_coef=(1.0, "PPO's beta: each response token's reward is -kl_coef * (log pi - log pi_ref)"),
+    target_kl=(0.0, "adaptive KL controller: target KL per response in nats (0: kl_coef stays fixed)"),
+    kl_horizon=(1000, "adaptive KL controller: responses over which kl_coef moves by at most e^0.2"),
+    gamma=(1.0, "discount over response tokens (1: the return is exactly the objective)"),
+    lam=(0.95, "GAE lambda: 1 is the Monte-Carlo return, 0 the one-step TD error"),
+    clip_range=(0.2, "PPO's clip of the probability ratio to [1 - eps, 1 + eps]"),
+    clip_range_value=(0.2, "how far a value prediction may move from the rollout's before its loss is clipped"),
+    no_eos_penalty=(1.0, "subtracted from the score of a response cut at max_new_tokens without an end token"),
     # evaluation and logging
-    eval_interval=(50, "DPO steps between held-out preference evaluations"),
+    eval_interval=(50, "training steps between held-out evaluations"),
     eval_pairs=(256, "held-out pairs for the preference metrics"),
     eval_samples=(256, "held-out prompts sampled from policy and reference at the end"),
     max_new_tokens=(160, "longest sampled response"),
     temperature=(1.0, "sampling temperature at evaluation (0: greedy)"),
     top_k=(0, "sample from the top k tokens only (0: all)"),
+    score_batch_size=(64, "sequences per no-grad scoring pass (reference precompute, held-out metrics, KL)"),
+    sample_batch_size=(128, "prompts per batched generate call"),
     show_samples=(3, "prompts printed with reference and policy samples side by side"),
-    log_interval=(10, "steps between log lines"),
+    log_interval=(10, "training steps (DPO, reward model, PPO iterations) between log lines"),
     eval_only=(False, "only evaluate and sample init_from (a checkpoint), no training"),
     prompt=("", "with eval_only: also sample continuations of this prompt"),
     # system
     out_dir=("out", "where ref.pt, ckpt.pt, config.json, metrics.jsonl and eval.json go"),
-    ckpt_interval=(50, "DPO steps between checkpoints (and one at the end)"),
-    stop_at=(0, "stop after this DPO step, with a checkpoint (0: run to dpo_iters); continue with init_from=resume"),
+    ckpt_interval=(50, "training steps between checkpoints (and one at the end)"),
+    stop_at=(0, "stop after this training step, with a checkpoint (0: run to the end); continue with init_from=resume"),
     seed=(1337, "seeds data order, initialisation and sampling"),
     device=("auto", "'auto' (cuda, then mps, then cpu), or e.g. 'cpu', 'cuda:1'"),
     dtype=("auto", "'float32' or 'bfloat16' autocast; auto: bfloat16 where the hardware has it"),
     compile=(False, "torch.compile the policy"),
     threads=(0, "CPU threads for torch (0: torch's default)"),
 )
+POSITIVE = ("batch_size", "sft_batch_size", "grad_accum", "dpo_lr", "block_size", "max_new_tokens", "log_interval",
+            "sft_log_interval", "eval_interval", "ckpt_interval", "eval_samples", "eval_pairs", "score_batch_size",
+            "sample_batch_size", "online_redraws", "rm_iters", "rm_lr", "ppo_iters", "rollout_batch", "ppo_minibatch",
+            "ppo_epochs", "ppo_lr", "clip_range_value", "kl_horizon")
+NON_NEGATIVE = ("sft_iters", "dpo_iters", "warmup_iters", "sft_warmup_iters", "sft_lr", "grad_clip", "stop_at",
+                "top_k", "temperature", "threads", "weight_decay", "kl_coef", "target_kl", "no_eos_penalty")
+METHODS = ("dpo", "preferred_ft", "reward_model", "ppo")
 
 
 def parse_config(argv):
+    """--key=value arguments -> the settings, as attributes (cfg.beta). Stops with a message that
+    names the setting on anything it cannot use."""
     cfg = {k: v for k, (v, _) in CONFIG.items()}
     if "--help" in argv or "-h" in argv:
         print(__doc__)
@@ -105,31 +145,35 @@ def parse_config(argv):
                 cfg[key] = kind(val)
         except ValueError:
             sys.exit(f"bad value for --{key}: {val!r} is not a {kind.__name__}")
-    checks = [("loss_type", cfg["loss_type"] in LOSS_TYPES, f"one of {LOSS_TYPES}"),
-              ("optimizer", cfg["optimizer"] in ("adamw", "rmsprop"), "'adamw' or 'rmsprop'"),
-              ("method", cfg["method"] in ("dpo", "preferred_ft"), "'dpo' or 'preferred_ft'"),
-              ("dtype", cfg["dtype"] in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
-              ("beta", cfg["beta"] > 0, "> 0"), ("label_smoothing", 0 <= cfg["label_smoothing"] < 0.5, "in [0, 0.5)"),
-              ("val_fraction", 0 < cfg["val_fraction"] < 1, "in (0, 1)"), ("judge", cfg["judge"] == "" or ":" in cfg["judge"], "module:function")]
-    checks += [("label_smoothing", cfg["label_smoothing"] == 0 or cfg["loss_type"] == "sigmoid", "0 unless loss_type is sigmoid"),
-               ("dropout", 0 <= cfg["dropout"] < 1, "in [0, 1)")]
-    checks += [(k, cfg[k] > 0, "> 0") for k in ("batch_size", "sft_batch_size", "grad_accum", "dpo_lr", "block_size",
-                                                  "max_new_tokens", "log_interval", "eval_interval", "ckpt_interval",
-                                                  "eval_samples", "eval_pairs")]
-    checks += [(k, cfg[k] >= 0, ">= 0") for k in ("sft_iters", "dpo_iters", "warmup_iters", "sft_lr", "grad_clip",
-                                                   "stop_at", "top_k", "temperature")]
+    c = SimpleNamespace(**cfg)
+    try:
+        check_loss_args(c.beta, c.loss_type, c.label_smoothing)  # the loss's own checks, not a copy
+    except ValueError as e:
+        sys.exit(f"bad setting: {e}")
+    checks = [("optimizer", c.optimizer in ("adamw", "rmsprop"), "'adamw' or 'rmsprop'"),
+              ("method", c.method in METHODS, f"one of {METHODS}"), ("gamma", 0 < c.gamma <= 1, "in (0, 1]"),
+              ("lam", 0 <= c.lam <= 1, "in [0, 1]"), ("clip_range", 0 < c.clip_range < 1, "in (0, 1)"),
+              ("ppo_minibatch", c.rollout_batch % c.ppo_minibatch == 0, "a divisor of --rollout_batch"),
+              ("dtype", c.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
+              ("val_fraction", 0 < c.val_fraction < 1, "in (0, 1)"), ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
+              ("judge", c.judge == "" or ":" in c.judge or c.judge.endswith(".pt"), "module:function or a .pt"),
+              ("reward_model", c.reward_model == "" or c.method == "ppo", "empty unless --method=ppo")]
+    checks += [(k, cfg[k] > 0, "> 0") for k in POSITIVE] + [(k, cfg[k] >= 0, ">= 0") for k in NON_NEGATIVE]
     for key, ok, want in checks:
         if not ok:
             sys.exit(f"bad value for --{key}: {cfg[key]!r} (must be {want})")
-    if cfg["online"] and cfg["precompute_ref"]:
+    if c.online and c.precompute_ref:
         sys.exit("--precompute_ref=True needs a fixed training set; online DPO scores its fresh pairs as it goes")
-    if cfg["eval_only"] and cfg["init_from"] in ("scratch", "resume"):
+    for flag in ("online", "precompute_ref", "reference_free"):
+        if c.method in ("reward_model", "ppo") and getattr(c, flag):
+            sys.exit(f"--{flag}=True is a DPO setting; it does not apply to --method={c.method}")
+    if c.eval_only and c.init_from in ("scratch", "resume"):
         sys.exit("--eval_only=True needs --init_from=<checkpoint .pt or GPT-2 folder>")
-    return cfg
+    return c
 
 
 # ------------------------------------------------------------------------------------------------
-# helpers: processes, devices, checkpoints, schedules
+# 1. set-up: processes, device, precision, seeds, output
 
 def print0(*a, **kw):
     if int(os.environ.get("RANK", 0)) == 0:
@@ -146,6 +190,49 @@ def cpu_has_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def setup(cfg):
+    """-> run: rank, world, device, autocast context `ctx`, micro-steps per process, out_dir, log."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if ddp and cfg.method in ("reward_model", "ppo"):
+        sys.exit(f"--method={cfg.method} runs in one process; torchrun (DDP) is supported for dpo and preferred_ft")
+    if cfg.grad_accum % world:
+        sys.exit(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes ({world})")
+    dev_type = device.split(":")[0]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dtype = cfg.dtype
+    if dtype == "auto":  # bf16 where the hardware multiplies it natively (measured faster), else fp32
+        dtype = "bfloat16" if (torch.cuda.is_bf16_supported() if dev_type == "cuda" else
+                               dev_type == "cpu" and cpu_has_bf16()) else "float32"
+    torch.manual_seed(cfg.seed + rank)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    master = rank == 0
+    print0(json.dumps(dict(vars(cfg), resolved_device=device, resolved_dtype=dtype, world_size=world), indent=1))
+    if master and not cfg.eval_only:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(vars(cfg), f, indent=1)
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+
+    def log(record):  # one JSON line per log, evaluation and final record, written by rank 0
+        if master:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    ctx = torch.autocast(dev_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=master, device=device, dev_type=dev_type,
+                           ctx=ctx, accum=cfg.grad_accum // world, log=log, t_start=time.time())
+
+
 def or_exit(fn, *args, **kw):
     """Bad input (a file, a field, a tokenizer, a checkpoint) stops with its message, not a traceback."""
     try:
@@ -154,43 +241,49 @@ def or_exit(fn, *args, **kw):
         sys.exit(f"error: {e}")
 
 
-def save_atomic(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-write leaves the last good file untouched
+# ------------------------------------------------------------------------------------------------
+# 2. data: preference pairs, the SFT corpus, held-out prompts, a judge
+
+def load_data(cfg, run):
+    """-> data: tokenizer, text pairs (train/val), SFT texts, held-out prompts, judge, task."""
+    enc = or_exit(D.get_tokenizer, cfg.tokenizer)
+    task, judge, judge_name = None, None, ""
+    if cfg.data == D.TASK_NAME:
+        task = D.make_task(seed=cfg.seed)
+        train_pairs, val_pairs, eval_prompts, sft_texts = task["train"], task["val"], task["eval_prompts"], task["sft"]
+        judge, judge_name = reward_judge(task["reward"]), "reviews.reward"
+    else:
+        pairs = or_exit(D.load_pairs, cfg.data, verbose=run.master)
+        train_pairs, val_pairs = D.split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
+        sft_texts = [(p["prompt"], p["chosen"]) for p in train_pairs]  # SFT on the preferred responses
+        eval_prompts = sorted({p["prompt"] for p in val_pairs})
+    if cfg.judge:
+        judge = reward_model_judge(cfg.judge, enc, run) if cfg.judge.endswith(".pt") else load_judge(cfg.judge)
+        judge_name = cfg.judge
+    if cfg.online and judge is None:
+        sys.exit("--online=True needs a judge: use the reviews task or pass --judge=module:function")
+    eval_prompts = (eval_prompts * math.ceil(cfg.eval_samples / max(1, len(eval_prompts))))[:cfg.eval_samples]
+    return SimpleNamespace(enc=enc, eot=enc.eot_token, train_pairs=train_pairs, val_pairs=val_pairs,
+                           sft_texts=sft_texts, eval_prompts=eval_prompts, judge=judge, judge_name=judge_name, task=task)
 
 
-def load_model(path, device, dropout=0.0):
-    if os.path.isdir(path):
-        return GPT.from_pretrained(path, dropout=dropout).to(device)
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    model = GPT(GPTConfig(**{**ck["model_args"], "dropout": dropout}))
-    model.load_state_dict(ck["model"])
-    return model.to(device)
+def tokenize(cfg, run, data, block):
+    """Token ids for the model's block size: train and held-out pairs, and prompts to sample from,
+    which keep their end and leave room for max_new_tokens."""
+    tok = lambda pairs: D.tokenize_pairs(pairs, data.enc, block, cfg.min_prompt_tokens, verbose=run.master)
+    data.train, data.val = tok(data.train_pairs), tok(data.val_pairs)[:cfg.eval_pairs]
+    data.room = block - cfg.max_new_tokens
+    data.eval_ids = [prompt_ids(data.enc, p, data.room) for p in data.eval_prompts]
 
 
-def frozen(model):
-    model.eval()  # no dropout in the reference
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+def prompt_ids(enc, prompt, room):
+    """A prompt's last `room` tokens: a response continues the prompt's end, so a long one loses its start."""
+    return (enc.encode_ordinary(prompt) or [enc.eot_token])[-room:]
 
 
-def make_optimizer(model, cfg, lr):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=cfg["weight_decay"]), dict(params=rest, weight_decay=0.0)]
-    if cfg["optimizer"] == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
-
-
-def lr_at(step, peak, warmup, total, cosine):
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    if not cosine:
-        return peak
-    frac = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+def text(data, resp):
+    """A sampled response as text, without its end-of-text token."""
+    return data.enc.decode(resp[:-1] if resp and resp[-1] == data.eot else resp)
 
 
 def load_judge(spec):
@@ -205,14 +298,31 @@ def load_judge(spec):
     return fn
 
 
-def call_judge(judge, name, prompt, a, b):
+def call_judge(data, prompt, a, b):
     try:
-        verdict = judge(prompt, a, b)
+        verdict = data.judge(prompt, a, b)
     except Exception as e:
-        raise SystemExit(f"judge {name} raised {type(e).__name__}: {e} (prompt {prompt[:60]!r})") from None
+        raise SystemExit(f"judge {data.judge_name} raised {type(e).__name__}: {e} (prompt {prompt[:60]!r})") from None
     if verdict not in (0, 1, None):
-        raise SystemExit(f"judge {name} returned {verdict!r}; it must return 0, 1 or None")
+        raise SystemExit(f"judge {data.judge_name} returned {verdict!r}; it must return 0, 1 or None")
     return verdict
+
+
+def reward_model_judge(path, enc, run):
+    """A reward model's checkpoint as a judge: the response it scores higher wins, ties tie."""
+    with torch.random.fork_rng(devices=[]):  # building the model must not move the seeded RNG
+        rm = or_exit(load_model, path, run.device, kind="ScalarGPT").eval()
+    if rm.config.vocab_size != enc.n_vocab:
+        sys.exit(f"--judge={path}: vocabulary {rm.config.vocab_size} does not match the tokenizer's {enc.n_vocab}")
+
+    @torch.no_grad()
+    def judge(prompt, a, b):  # tokenized as the reward model was trained: prompt + response + eot, fitted
+        rows = D.tokenize_sft([(prompt, a), (prompt, b)], enc, rm.config.block_size, verbose=False)
+        ids, mask = D.collate_sft(rows, enc.eot_token)
+        with run.ctx:
+            ra, rb = P.last_token_scores(rm, ids.to(run.device), mask.to(run.device)).tolist()
+        return None if ra == rb else (0 if ra > rb else 1)
+    return judge
 
 
 def reward_judge(reward):
@@ -222,367 +332,615 @@ def reward_judge(reward):
     return judge
 
 
-def main(argv):
-    cfg = parse_config(argv)
-    t_start = time.time()
-    # --------------------------------------------------------------------------------------------
-    # processes and device
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
+# ------------------------------------------------------------------------------------------------
+# 3. the model, checkpoints, optimizer and schedule
+
+def load_model(path, device, dropout=0.0, kind="GPT"):
+    """A model from a checkpoint .pt of this project (a GPT policy, or with kind='ScalarGPT' a
+    reward model) or a Hugging Face GPT-2 folder."""
+    if os.path.isdir(path) and kind == "GPT":
+        return GPT.from_pretrained(path, dropout=dropout).to(device)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:  # weights_only: tensors and plain containers, never code
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        found = ck.get("kind", "GPT")
+        if found == kind:
+            model = (ScalarGPT if kind == "ScalarGPT" else GPT)(GPTConfig(**{**ck["model_args"], "dropout": dropout}))
+            model.load_state_dict(ck["model"])
+    except Exception as e:
+        raise ValueError(f"{path}: not a checkpoint of this project ({type(e).__name__})") from None
+    if found != kind:
+        names = dict(GPT="a language model (policy)", ScalarGPT="a reward model")
+        raise ValueError(f"{path}: holds {names.get(found, found)}, where {names[kind]} is needed")
+    return model.to(device)
+
+
+def build_policy(cfg, run, enc):
+    """The model DPO starts from (and SFT trains first): new, loaded, or resumed from out_dir/ref.pt."""
+    if cfg.init_from == "scratch":
+        model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
     else:
-        rank, world = 0, 1
-        device = cfg["device"]
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if cfg["grad_accum"] % world:
-        sys.exit(f"grad_accum ({cfg['grad_accum']}) must be divisible by the number of processes ({world})")
-    accum = cfg["grad_accum"] // world
-    master = rank == 0
-    dev_type = device.split(":")[0]
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    dtype = cfg["dtype"]
-    if dtype == "auto":  # bf16 where the hardware multiplies it natively (measured faster), else fp32
-        dtype = "bfloat16" if (torch.cuda.is_bf16_supported() if dev_type == "cuda" else
-                               dev_type == "cpu" and cpu_has_bf16()) else "float32"
-    ctx = torch.autocast(dev_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    torch.manual_seed(cfg["seed"] + rank)
-    out = cfg["out_dir"]
-    os.makedirs(out, exist_ok=True)
-    print0(json.dumps(dict(cfg, resolved_device=device, resolved_dtype=dtype, world_size=world), indent=1))
-    if master and not cfg["eval_only"]:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
-    metrics_file = open(os.path.join(out, "metrics.jsonl"), "a") if master else None
+        path = os.path.join(cfg.out_dir, "ref.pt") if cfg.init_from == "resume" else cfg.init_from
+        model = or_exit(load_model, path, "cpu", cfg.dropout)
+    if model.config.vocab_size != enc.n_vocab:
+        sys.exit(f"the model's vocabulary ({model.config.vocab_size}) does not match tokenizer {cfg.tokenizer!r} "
+                 f"({enc.n_vocab} tokens); pass the tokenizer the model was trained with (for GPT-2: --tokenizer=gpt2)")
+    if cfg.max_new_tokens >= model.config.block_size:
+        sys.exit(f"bad value for --max_new_tokens: {cfg.max_new_tokens} leaves no room for a prompt "
+                 f"in block_size {model.config.block_size}")
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {asdict(model.config)}")
+    return model.to(run.device)
 
-    def log(record):
-        if master:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
 
-    # --------------------------------------------------------------------------------------------
-    # data: preference pairs, the SFT corpus, held-out prompts, and a judge when there is one
-    enc = or_exit(D.get_tokenizer, cfg["tokenizer"])
-    eot = enc.eot_token
-    judge, judge_name = None, ""
-    if cfg["data"] == D.TASK_NAME:
-        task = D.make_task(seed=cfg["seed"])
-        train_pairs, val_pairs, eval_prompts = task["train"], task["val"], task["eval_prompts"]
-        sft_texts = task["sft"]
-        judge, judge_name = reward_judge(task["reward"]), "reviews.reward"
-    else:
-        pairs = or_exit(D.load_pairs, cfg["data"], verbose=master)
-        train_pairs, val_pairs = D.split_by_prompt(pairs, cfg["val_fraction"], cfg["seed"])
-        sft_texts = [(p["prompt"], p["chosen"]) for p in train_pairs]  # SFT on the preferred responses
-        eval_prompts = sorted({p["prompt"] for p in val_pairs})
-    if cfg["judge"]:
-        judge, judge_name = load_judge(cfg["judge"]), cfg["judge"]
-    if cfg["online"] and judge is None:
-        sys.exit("--online=True needs a judge: use the reviews task or pass --judge=module:function")
-    eval_prompts = (eval_prompts * math.ceil(cfg["eval_samples"] / max(1, len(eval_prompts))))[:cfg["eval_samples"]]
+def save_atomic(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write leaves the last good file untouched
 
-    # --------------------------------------------------------------------------------------------
-    # the model: from scratch, a checkpoint, GPT-2 weights, or where a run stopped
-    resume = cfg["init_from"] == "resume"
-    ref_path = os.path.join(out, "ref.pt")
-    if cfg["init_from"] == "scratch":
-        model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                              n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"])).to(device)
-    else:
-        model = or_exit(load_model, ref_path if resume else cfg["init_from"], device, cfg["dropout"])
-    mcfg = model.config
-    if mcfg.vocab_size != enc.n_vocab:
-        sys.exit(f"the model's vocabulary ({mcfg.vocab_size}) does not match tokenizer {cfg['tokenizer']!r} ({enc.n_vocab} tokens); "
-                 f"pass the tokenizer the model was trained with, e.g. --tokenizer=../shared/data/gpt2-bpe/gpt2.tiktoken for GPT-2")
-    print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {asdict(mcfg)}")
-    block = mcfg.block_size
-    if cfg["max_new_tokens"] >= block:
-        sys.exit(f"bad value for --max_new_tokens: {cfg['max_new_tokens']} leaves no room for a prompt in block_size {block}")
-    tok = lambda pairs: D.tokenize_pairs(pairs, enc, block, cfg["min_prompt_tokens"], verbose=master)
-    train, val = tok(train_pairs), tok(val_pairs)[:cfg["eval_pairs"]]
-    # the prompts keep their end and leave room for the response
-    eval_ids = [(enc.encode_ordinary(p) or [eot])[-(block - cfg["max_new_tokens"]):] for p in eval_prompts]
 
-    def ckpt_dict(m):
-        return dict(model=m.state_dict(), model_args=asdict(m.config), config=cfg)
+def checkpoint(cfg, model, **extra):
+    return dict(model=model.state_dict(), model_args=asdict(model.config), kind=type(model).__name__,
+                config=dict(vars(cfg)), **extra)
 
-    # --------------------------------------------------------------------------------------------
-    # stage 1: the reference, by maximum likelihood on responses given their prompts
-    if not resume and not cfg["eval_only"] and cfg["sft_iters"] > 0:
-        sft = D.tokenize_sft(sft_texts, enc, block, cfg["min_prompt_tokens"], verbose=master)
-        loader = D.Batches(sft, cfg["sft_batch_size"], cfg["seed"], rank, world)
-        sft_model = DDP(model) if ddp else model
-        opt = make_optimizer(model, cfg, cfg["sft_lr"])
-        model.train()
-        for step in range(cfg["sft_iters"]):
-            lr = lr_at(step, cfg["sft_lr"], 20, cfg["sft_iters"], cosine=True)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            ids, mask = (x.to(device) for x in D.collate_sft(loader.next(), eot))
-            with ctx:
-                logps, n = response_logps(sft_model, ids, mask)
-                loss = -logps.sum() / n.sum()  # mean negative log-likelihood per response token
-            loss.backward()
-            if cfg["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if step % (cfg["log_interval"] * 10) == 0 or step == cfg["sft_iters"] - 1:
-                print0(f"sft {step + 1}/{cfg['sft_iters']} | nll/token {loss.item():.4f} | lr {lr:.2e} | {time.time() - t_start:.0f}s")
-                log(dict(stage="sft", step=step + 1, nll=loss.item(), lr=lr, elapsed=time.time() - t_start))
-        del opt, sft_model
-    if not resume and not cfg["eval_only"]:
-        if master:
-            save_atomic(ckpt_dict(model), ref_path)
-        if ddp:
-            dist.barrier()  # the other ranks load it next
-    elif cfg["eval_only"]:  # the reference saved beside the checkpoint, if there is one
-        ref_path = os.path.join(os.path.dirname(os.path.abspath(cfg["init_from"])), "ref.pt")
-    # the frozen reference: a copy, in eval mode, without gradients, never seen by the optimizer
-    reference = None
-    if not cfg["reference_free"] and os.path.isfile(ref_path):
-        reference = frozen(load_model(ref_path, device))
-    elif not cfg["reference_free"] and not cfg["eval_only"]:
-        sys.exit(f"{ref_path}: the reference is missing")
-    elif not cfg["reference_free"]:
-        print0(f"no reference at {ref_path}: evaluating without reference comparisons")
 
-    @torch.no_grad()
-    def score(m, seqs, bs=64):
-        """Summed response log-probs and token counts of (prompt_ids, response_ids) pairs, in batches."""
-        was_training, out = m.training, []
-        m.eval()
-        with ctx:
-            for i in range(0, len(seqs), bs):
-                ids, mask = (x.to(device) for x in D.collate_sft(seqs[i:i + bs], eot))
-                out.append([x.float() for x in response_logps(m, ids, mask)])
-        m.train(was_training)
-        return [torch.cat(x) for x in zip(*out)]
+def make_optimizer(cfg, model, lr):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)]
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
 
-    def score_pairs(m, examples):
-        """-> (chosen logps, rejected logps, chosen lengths, rejected lengths); zeros without a reference."""
-        if m is None:
-            z = torch.zeros(len(examples), device=device)
-            return z, z, z, z
-        lp, n = score(m, [(p, c) for p, c, _ in examples] + [(p, r) for p, _, r in examples])
-        B = len(examples)
-        return lp[:B], lp[B:], n[:B], n[B:]
 
-    # --------------------------------------------------------------------------------------------
-    # evaluation: held-out preferences, and samples from policy and reference scored by the judge
-    val_ref = score_pairs(reference, val)[:2]
+def lr_at(step, peak, warmup, total, cosine):
+    """Linear warm-up from peak/warmup at step 0 (never 0), then constant or cosine down to 10%."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if not cosine:
+        return peak
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    def preference_eval(m):
-        pc, pr, nc, nr = score_pairs(m, val)
-        losses, rw, rl = dpo_loss(pc, pr, *val_ref, cfg["beta"], cfg["loss_type"], cfg["label_smoothing"], nc, nr)
-        return dict(val_loss=losses.mean().item(), pref_accuracy=(rw > rl).float().mean().item(),
-                    val_margin=(rw - rl).mean().item())
 
-    def sample(m, prompt_ids, seed, bs=128):
-        was_training, outs = m.training, []
-        m.eval()
-        g = torch.Generator(device=device).manual_seed(seed)
-        with ctx:
-            for i in range(0, len(prompt_ids), bs):
-                outs += m.generate(prompt_ids[i:i + bs], cfg["max_new_tokens"], cfg["temperature"],
-                                   cfg["top_k"] or None, eot, generator=g)
-        m.train(was_training)
-        return outs
-
-    def text(resp):
-        return enc.decode(resp[:-1] if resp and resp[-1] == eot else resp)
-
-    def sample_eval(m):
-        """Judge reward, win rate, KL and validity of policy samples against reference samples."""
-        t0 = time.time()
-        pol = sample(m, eval_ids, cfg["seed"] + 1)
-        res = {"policy_mean_length": sum(map(len, pol)) / len(pol)}
-        if reference is not None:
-            ref = sample(reference, eval_ids, cfg["seed"] + 2)
-            # KL(pi || pi_ref) estimated on the policy's own samples: E[log pi(y) - log pi_ref(y)];
-            # an estimate of that KL only when the samples come from pi itself (temperature 1, no top-k)
-            if cfg["temperature"] != 1.0 or cfg["top_k"]:
-                print0("note: kl is measured on tempered/top-k samples, so it is not KL(pi || pi_ref)")
-            seqs = list(zip(eval_ids, pol))
-            res["kl"] = (score(m, seqs)[0] - score(reference, seqs)[0]).mean().item()
-            res["reference_mean_length"] = sum(map(len, ref)) / len(ref)
-        pol_t = [text(r) for r in pol]
-        ref_t = [text(r) for r in ref] if reference is not None else None
-        if judge is not None and reference is not None:
-            wins = [call_judge(judge, judge_name, p, a, b) for p, a, b in zip(eval_prompts, pol_t, ref_t)]
-            res["win_rate"] = sum(1.0 if w == 0 else 0.5 if w is None else 0.0 for w in wins) / len(wins)
-        if cfg["data"] == D.TASK_NAME:
-            mean = lambda xs: sum(xs) / len(xs)
-            res["policy_reward"] = mean([task["reward"](p, r) for p, r in zip(eval_prompts, pol_t)])
-            res["valid_fraction"] = mean([task["is_valid"](r) for r in pol_t])
-            if ref_t:
-                res["reference_reward"] = mean([task["reward"](p, r) for p, r in zip(eval_prompts, ref_t)])
-                res["reference_valid_fraction"] = mean([task["is_valid"](r) for r in ref_t])
-        for i in range(min(cfg["show_samples"], len(pol_t))):
-            print0(f"--- prompt: {eval_prompts[i]!r}\n    reference: {ref_t[i] if ref_t else '-'!r}\n    policy:    {pol_t[i]!r}")
-        res["sample_seconds"] = time.time() - t0
-        return res
-
-    if cfg["eval_only"]:
-        model.eval()
-        if cfg["prompt"]:
-            p_ids = [(enc.encode_ordinary(cfg["prompt"]) or [eot])[-(block - cfg["max_new_tokens"]):]] * 3
-            for who, m in (("reference", reference), ("policy", model)):
-                if m is not None:
-                    for r in sample(m, p_ids, cfg["seed"]):
-                        print0(f"{who}: {cfg['prompt']!r} -> {text(r)!r}")
-        res = {**preference_eval(model), **sample_eval(model)}
-        print0(json.dumps(res, indent=1))
-        return res
-
-    # --------------------------------------------------------------------------------------------
-    # stage 2: DPO
-    policy = model
-    policy.train()
-    optimizer = make_optimizer(policy, cfg, cfg["dpo_lr"])
-    loader = D.Batches(list(range(len(train))), cfg["batch_size"], cfg["seed"], rank, world)
-    step = 0
-    if resume:
-        ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
-        policy.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        loader.load_state_dict(ck["data"]["pairs"])
-        step = ck["step"]
-        torch.set_rng_state(ck["rng"]["torch"])  # dropout masks (rank 0's state; exact when dropout=0)
-        if ck["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        print0(f"resumed from {out}/ckpt.pt at step {step}")
-    train_ref = None
-    if cfg["precompute_ref"] and reference is not None:
-        t0 = time.time()
-        train_ref = score_pairs(reference, train)[:2]
-        print0(f"precomputed reference log-probs of {len(train)} pairs in {time.time() - t0:.1f}s; reference dropped")
-        reference = None  # freed; it is loaded again for the final evaluation
-    if cfg["online"]:
-        room = block - cfg["max_new_tokens"]  # prompts keep their end and leave room to sample
-        prompt_loader = D.Batches(sorted({tuple(p[-room:]) for p, _, _ in train}), cfg["batch_size"], cfg["seed"], rank, world)
-        online_stats = dict(pairs=0, ties=0)
-        if resume:
-            prompt_loader.load_state_dict(ck["data"]["prompts"])
-            online_stats = ck["data"]["online_stats"]
-
-    def online_batch(step, micro):
-        """Two fresh samples per prompt from the current policy; the judge picks, ties are dropped.
-        The sampling seed is a function of (seed, step, micro-step, rank), so a resumed run draws
-        exactly what an uninterrupted one would have."""
-        prompts = [list(p) for p in prompt_loader.next()]
-        for attempt in range(10):  # an all-tie batch is drawn again, so every rank has pairs to train on
-            both = sample(policy, prompts + prompts, hash((cfg["seed"], step, micro, rank, attempt)) % 2**31)
-            batch = []
-            for p, ra, rb in zip(prompts, both[:len(prompts)], both[len(prompts):]):
-                w = call_judge(judge, judge_name, enc.decode(p), text(ra), text(rb))
-                if w is None or ra == rb:
-                    online_stats["ties"] += 1
-                else:
-                    batch.append((p, ra, rb) if w == 0 else (p, rb, ra))
-            online_stats["pairs"] += len(batch)
-            if batch:
-                return batch
-        sys.exit(f"the judge {judge_name} called every pair a tie, 10 times in a row, at DPO step {step + 1}")
-
-    def data_state():
-        if not cfg["online"]:
-            return dict(pairs=loader.state_dict())
-        return dict(pairs=loader.state_dict(), prompts=prompt_loader.state_dict(), online_stats=dict(online_stats))
-
-    raw, train_model = policy, DDP(policy) if ddp else policy
-    if cfg["compile"]:
-        train_model = torch.compile(train_model)
-    last_step = min(cfg["dpo_iters"], cfg["stop_at"] or cfg["dpo_iters"])
-    t_loop, t_log, pairs_seen, tokens_seen, first_step = time.time(), time.time(), 0, 0, step
-    while step < last_step:
-        lr = lr_at(step, cfg["dpo_lr"], cfg["warmup_iters"], cfg["dpo_iters"], cosine=False)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        stats = torch.zeros(6, device=device)
-        for micro in range(accum):
-            ref_c = ref_r = None  # stays None for reference-free DPO
-            if cfg["online"]:
-                examples = online_batch(step, micro)
-            else:
-                idx = loader.next()
-                examples = [train[i] for i in idx]
-                if train_ref is not None:
-                    ref_c, ref_r = train_ref[0][idx], train_ref[1][idx]
-            ids, mask = (x.to(device) for x in D.collate(examples, eot))
-            if ref_c is None and reference is not None:
-                with torch.no_grad(), ctx:
-                    ref_c, ref_r = (x.float() for x in concatenated_logps(reference, ids, mask)[:2])
-            sync = nullcontext() if not ddp or micro == accum - 1 else train_model.no_sync()
-            with sync:
-                with ctx:
-                    pc, pr, nc, nr = (x.float() for x in concatenated_logps(train_model, ids, mask))
-                    losses, rw, rl = dpo_loss(pc, pr, ref_c, ref_r, cfg["beta"], cfg["loss_type"],
-                                              cfg["label_smoothing"], nc, nr)
-                    # summed over pairs, divided by the pairs a full step holds: online steps with
-                    # fewer pairs (ties dropped) move the weights less, not with a larger weight each
-                    loss = losses.sum() / (cfg["batch_size"] * accum)
-                    if cfg["method"] == "preferred_ft":  # same batches and steps, no rejected side
-                        loss = -pc.sum() / nc.sum() / accum
-                loss.backward()
-            shown = loss.detach() * accum if cfg["method"] == "preferred_ft" else losses.detach().mean()
-            stats += torch.stack([shown, rw.mean(), rl.mean(), (rw > rl).float().mean(),
-                                  pc.detach().mean(), pr.detach().mean()]) / accum
-            pairs_seen += len(examples) * world
-            tokens_seen += mask.numel() * world
-        # gradients are identical on every rank after the all-reduce, so every rank stops together
-        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
-        if not torch.isfinite(gnorm):
-            what = "loss" if not torch.isfinite(stats[0]) else "gradient norm"
-            sys.exit(f"non-finite {what} at DPO step {step + 1}; stopped, the last good checkpoint is {out}/ckpt.pt")
+def clip_and_step(params, optimizer, grad_clip):
+    """Clip the gradient norm (0: no clipping), take the step, clear the gradients. -> the norm
+    before clipping; a non-finite norm is returned before the step, which is then not taken."""
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    if torch.isfinite(gnorm):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return gnorm
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. SFT: the reference, by maximum likelihood on responses given their prompts
+
+def sft(cfg, run, policy, data, block):
+    """Train `policy` in place on the SFT corpus: mean negative log-likelihood per response token."""
+    seqs = D.tokenize_sft(data.sft_texts, data.enc, block, cfg.min_prompt_tokens, verbose=run.master)
+    loader = D.Batches(seqs, cfg.sft_batch_size, cfg.seed, run.rank, run.world)
+    model = DDP(policy) if run.ddp else policy
+    optimizer = make_optimizer(cfg, policy, cfg.sft_lr)
+    policy.train()
+    for step in range(cfg.sft_iters):
+        lr = lr_at(step, cfg.sft_lr, cfg.sft_warmup_iters, cfg.sft_iters, cosine=True)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        ids, mask = (x.to(run.device) for x in D.collate_sft(loader.next(), data.eot))
+        with run.ctx:
+            logps, n = response_logps(model, ids, mask)
+            loss = -logps.sum() / n.sum()
+        loss.backward()
+        if not torch.isfinite(clip_and_step(policy.parameters(), optimizer, cfg.grad_clip)):
+            sys.exit(f"non-finite gradient norm at SFT step {step + 1} (loss {loss.item()}); lower --sft_lr")
+        if step % cfg.sft_log_interval == 0 or step == cfg.sft_iters - 1:
+            print0(f"sft {step + 1}/{cfg.sft_iters} | nll/token {loss.item():.4f} | lr {lr:.2e} | {time.time() - run.t_start:.0f}s")
+            run.log(dict(stage="sft", step=step + 1, nll=loss.item(), lr=lr, elapsed=time.time() - run.t_start))
+
+
+def load_reference(cfg, run, path):
+    """The frozen reference from `path`, or None for reference-free DPO (or nothing to compare to)."""
+    if cfg.reference_free or cfg.method == "reward_model":
+        return None
+    if not os.path.isfile(path):
+        if not cfg.eval_only:
+            sys.exit(f"{path}: the reference is missing")
+        print0(f"no reference at {path}: evaluating without reference comparisons")
+        return None
+    reference = or_exit(load_model, path, run.device)
+    reference.eval()  # no dropout, whatever the policy uses
+    return reference.requires_grad_(False)  # no gradients: nothing can move it
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring and sampling, shared by training and evaluation
+
+@torch.no_grad()
+def score(cfg, run, model, seqs, eot):
+    """Summed response log-probs and token counts of (prompt_ids, response_ids), in eval mode; a
+    reward model's score at the last token instead when `model` is a ScalarGPT."""
+    was_training, out = model.training, []
+    model.eval()
+    with run.ctx:
+        for i in range(0, len(seqs), cfg.score_batch_size):
+            ids, mask = (x.to(run.device) for x in D.collate_sft(seqs[i:i + cfg.score_batch_size], eot))
+            if isinstance(model, ScalarGPT):
+                out.append([P.last_token_scores(model, ids, mask)])
+            else:
+                out.append([x.float() for x in response_logps(model, ids, mask)])
+    model.train(was_training)
+    return [torch.cat(x) for x in zip(*out)]
+
+
+def score_pairs(cfg, run, model, pairs, eot):
+    """-> (chosen logps, rejected logps, chosen lengths, rejected lengths); zeros without a model."""
+    if model is None:
+        z = torch.zeros(len(pairs), device=run.device)
+        return z, z, z, z
+    lp, n = score(cfg, run, model, [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], eot)
+    B = len(pairs)
+    return lp[:B], lp[B:], n[:B], n[B:]
+
+
+def sample(cfg, run, model, prompts, seed, eot, exact=False):
+    """Responses (token lists, ending in eot unless cut at max_new_tokens) to token-id prompts, at
+    the evaluation's temperature and top-k, or from the model's own distribution if `exact`."""
+    was_training, outs = model.training, []
+    model.eval()
+    g = torch.Generator(device=run.device).manual_seed(seed)
+    temperature, top_k = (1.0, None) if exact else (cfg.temperature, cfg.top_k or None)
+    with run.ctx:
+        for i in range(0, len(prompts), cfg.sample_batch_size):
+            outs += model.generate(prompts[i:i + cfg.sample_batch_size], cfg.max_new_tokens, temperature,
+                                   top_k, eot, generator=g)
+    model.train(was_training)
+    return outs
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. DPO: the policy against the frozen reference
+
+def online_batch(cfg, run, data, policy, prompts, stats, seed):
+    """Online DPO's pairs: two fresh samples per prompt from the current policy, the judge's pick
+    first; ties are dropped. `seed` = (seed, step, micro-step, rank) seeds the sampling, so a
+    resumed run draws exactly what an uninterrupted one would have."""
+    for attempt in range(cfg.online_redraws):  # an all-tie batch is drawn again: every rank needs pairs
+        both = sample(cfg, run, policy, prompts + prompts, hash((*seed, attempt)) % 2**31, data.eot)
+        batch = []
+        for p, ra, rb in zip(prompts, both[:len(prompts)], both[len(prompts):]):
+            w = call_judge(data, data.enc.decode(p), text(data, ra), text(data, rb))
+            if w is None or ra == rb:
+                stats["ties"] += 1
+            else:
+                batch.append((p, ra, rb) if w == 0 else (p, rb, ra))
+        stats["pairs"] += len(batch)
+        if batch:
+            return batch
+    sys.exit(f"the judge {data.judge_name} called every pair a tie, {cfg.online_redraws} times in a row, "
+             f"at DPO step {seed[1] + 1}")
+
+
+def next_batch(cfg, run, data, policy, src, step, micro):
+    """-> (examples, reference log-probs or None): the next pairs of the data set and their
+    precomputed reference log-probs, or fresh pairs from the policy (online)."""
+    if cfg.online:
+        prompts = [list(p) for p in src.prompts.next()]
+        return online_batch(cfg, run, data, policy, prompts, src.online, (cfg.seed, step, micro, run.rank)), None
+    idx = src.pairs.next()
+    return [data.train[i] for i in idx], None if src.train_ref is None else (src.train_ref[0][idx], src.train_ref[1][idx])
+
+
+def objective(cfg, pc, pr, nc, nr, ref_c, ref_r, accum):
+    """A method's loss on one micro-batch of pairs, from the policy's summed log-probs pc, pr (or a
+    reward model's scores) and response lengths nc, nr. -> (loss to backpropagate, stats: the per-pair
+    loss to log, chosen and rejected (implicit) rewards, accuracy (ties count as wrong), pc, pr).
+
+    DPO family: dpo_loss, summed over pairs and divided by the pairs a full step holds, so that online
+    steps with fewer pairs (ties dropped) move the weights less, not each pair more. Preferred-FT:
+    mean negative log-likelihood per token of the chosen responses. Reward model: Bradley-Terry
+    on the scores, -log sigmoid(r_w - r_l), mean over the step's pairs."""
+    if cfg.method == "preferred_ft":
+        nll = -pc.sum() / nc.sum()
+        zero = torch.zeros_like(pc)
+        rw = cfg.beta * (pc - (zero if ref_c is None else ref_c)).detach()
+        rl = cfg.beta * (pr - (zero if ref_r is None else ref_r)).detach()
+        loss, shown = nll / accum, nll.detach()
+    else:
+        if cfg.method == "reward_model":
+            losses, rw, rl = P.bradley_terry_loss(pc, pr)[0], pc.detach(), pr.detach()
+        else:
+            losses, rw, rl = dpo_loss(pc, pr, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing, nc, nr)
+        loss, shown = losses.sum() / (cfg.batch_size * accum), losses.detach().mean()
+    return loss, torch.stack([shown, rw.mean(), rl.mean(), (rw > rl).float().mean(), pc.detach().mean(), pr.detach().mean()])
+
+
+def dpo_step(cfg, run, data, model, policy, reference, src, step):
+    """The gradients of one optimizer step: `run.accum` micro-batches, forward and backward each.
+    -> (stats averaged over micro-steps, pairs and token positions seen, over all processes)."""
+    stats, pairs, tokens = torch.zeros(6, device=run.device), 0, 0
+    for micro in range(run.accum):
+        examples, ref_logps = next_batch(cfg, run, data, policy, src, step, micro)
+        ids, mask = (x.to(run.device) for x in D.collate(examples, data.eot))
+        if ref_logps is None and reference is not None:  # the live reference, in the policy's precision
+            with torch.no_grad(), run.ctx:
+                ref_logps = [x.float() for x in concatenated_logps(reference, ids, mask)[:2]]
+        ref_c, ref_r = ref_logps if ref_logps is not None else (None, None)
+        last = not run.ddp or micro == run.accum - 1
+        with nullcontext() if last else model.no_sync():  # DDP all-reduces on the last micro-step only
+            with run.ctx:
+                if cfg.method == "reward_model":  # the scalar head at each sequence's last token
+                    r = P.last_token_scores(model, ids, mask)
+                    pc, pr, nc, nr = r[:len(examples)], r[len(examples):], None, None
+                else:
+                    pc, pr, nc, nr = (x.float() for x in concatenated_logps(model, ids, mask))
+                loss, s = objective(cfg, pc, pr, nc, nr, ref_c, ref_r, run.accum)
+            loss.backward()
+        stats += s / run.accum
+        pairs, tokens = pairs + len(examples) * run.world, tokens + mask.numel() * run.world
+    return stats, pairs, tokens
+
+
+def save_state(cfg, run, model, optimizer, step, data_state, **extra):
+    """ckpt.pt: weights, optimizer, step, data position and RNG: everything a run needs to continue."""
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if run.dev_type == "cuda" else [])
+    save_atomic(checkpoint(cfg, model, optimizer=optimizer.state_dict(), step=step, data=data_state, rng=rng, **extra),
+                os.path.join(cfg.out_dir, "ckpt.pt"))
+
+
+def restore_state(cfg, model, optimizer):
+    """The inverse of save_state: loads weights, optimizer and RNG. -> (step, data state, checkpoint)."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng"]["torch"])  # dropout masks (rank 0's state; exact when dropout=0)
+    if ck["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    print0(f"resumed from {path} at step {ck['step']}")
+    return ck["step"], ck["data"], ck
+
+
+def dpo(cfg, run, data, policy, reference, train_ref, val_ref):
+    """The DPO loop: batches (offline, or sampled and judged online), the loss against the
+    reference (live, or precomputed in `train_ref`), held-out evaluations and checkpoints.
+    The reward model of RLHF trains in the same loop (`policy` is then a ScalarGPT).
+    -> the last step taken."""
+    rm = cfg.method == "reward_model"
+    stage, iters, peak_lr = ("rm", cfg.rm_iters, cfg.rm_lr) if rm else ("dpo", cfg.dpo_iters, cfg.dpo_lr)
+    policy.train()
+    optimizer = make_optimizer(cfg, policy, peak_lr)
+    src = SimpleNamespace(pairs=D.Batches(list(range(len(data.train))), cfg.batch_size, cfg.seed, run.rank, run.world),
+                          prompts=None, online=dict(pairs=0, ties=0), train_ref=train_ref)
+    if cfg.online:  # prompts keep their end and leave room to sample
+        prompts = sorted({tuple(p[-data.room:]) for p, _, _ in data.train})
+        src.prompts = D.Batches(prompts, cfg.batch_size, cfg.seed, run.rank, run.world)
+    step = 0
+    if cfg.init_from == "resume":
+        step, state, _ = restore_state(cfg, policy, optimizer)
+        src.pairs.load_state_dict(state["pairs"])
+        if cfg.online:
+            src.prompts.load_state_dict(state["prompts"])
+            src.online = state["online_stats"]
+    model = DDP(policy) if run.ddp else policy
+    model = torch.compile(model) if cfg.compile else model
+    last_step = min(iters, cfg.stop_at or iters)
+    t_loop, t_log, pairs_seen, tokens_seen, first_step = time.time(), time.time(), 0, 0, step
+    while step < last_step:
+        lr = lr_at(step, peak_lr, cfg.warmup_iters, iters, cosine=False)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        stats, pairs, tokens = dpo_step(cfg, run, data, model, policy, reference, src, step)
+        pairs_seen, tokens_seen = pairs_seen + pairs, tokens_seen + tokens
+        # gradients are identical on every rank after the all-reduce, so every rank stops together
+        gnorm = clip_and_step(policy.parameters(), optimizer, cfg.grad_clip)
+        if not torch.isfinite(gnorm):
+            what = "loss" if not torch.isfinite(stats[0]) else "gradient norm"
+            sys.exit(f"non-finite {what} at {stage} step {step + 1}; stopped, the last good checkpoint is {cfg.out_dir}/ckpt.pt")
         step += 1
-        if step % cfg["log_interval"] == 0 or step == last_step:
-            s = stats.tolist()
-            dt = time.time() - t_log
-            rec = dict(stage="dpo", step=step, loss=s[0], **{"rewards/chosen": s[1], "rewards/rejected": s[2],
+        if step % cfg.log_interval == 0 or step == last_step:
+            s, dt = stats.tolist(), time.time() - t_log
+            rec = dict(stage=stage, step=step, loss=s[0], **{"rewards/chosen": s[1], "rewards/rejected": s[2],
                        "rewards/margins": s[1] - s[2], "rewards/accuracies": s[3], "logps/chosen": s[4],
                        "logps/rejected": s[5]}, grad_norm=gnorm.item(), lr=lr, pairs_per_s=pairs_seen / dt,
-                       tokens_per_s=tokens_seen / dt, elapsed=time.time() - t_start)
-            if cfg["online"]:
-                rec.update(online_pairs=online_stats["pairs"], online_ties=online_stats["ties"])
+                       tokens_per_s=tokens_seen / dt, elapsed=time.time() - run.t_start)
+            if rm:  # its rewards are the scalar head's scores; it has no log-probs
+                del rec["logps/chosen"], rec["logps/rejected"]
+            if cfg.online:
+                rec.update(online_pairs=src.online["pairs"], online_ties=src.online["ties"])
             eta = (time.time() - t_loop) / (step - first_step) * (last_step - step)
-            print0(f"dpo {step}/{cfg['dpo_iters']} | loss {s[0]:.4f} | r/chosen {s[1]:+.3f} r/rejected {s[2]:+.3f} "
-                   f"margin {s[1] - s[2]:+.3f} acc {s[3]:.2f} | logps {s[4]:.1f}/{s[5]:.1f} | gnorm {gnorm.item():.2f} "
+            logps = "" if rm else f" | logps {s[4]:.1f}/{s[5]:.1f}"
+            print0(f"{stage} {step}/{iters} | loss {s[0]:.4f} | r/chosen {s[1]:+.3f} r/rejected {s[2]:+.3f} "
+                   f"margin {s[1] - s[2]:+.3f} acc {s[3]:.2f}{logps} | gnorm {gnorm.item():.2f} "
                    f"| lr {lr:.1e} | {rec['pairs_per_s']:.0f} pairs/s {rec['tokens_per_s']:.0f} tok/s | "
                    f"{rec['elapsed']:.0f}s, eta {eta:.0f}s")
-            log(rec)
+            run.log(rec)
             t_log, pairs_seen, tokens_seen = time.time(), 0, 0
         t_aside = time.time()  # evaluation and checkpoints do not count against the training rate
-        if master and (step % cfg["eval_interval"] == 0 or step == last_step):
-            rec = dict(stage="eval", step=step, **preference_eval(raw))
-            print0(f"eval {step}: val loss {rec['val_loss']:.4f} | implicit-reward accuracy {rec['pref_accuracy']:.3f} | margin {rec['val_margin']:+.3f}")
-            log(rec)
-        if master and (step % cfg["ckpt_interval"] == 0 or step == last_step):
-            rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if dev_type == "cuda" else [])
-            save_atomic(dict(ckpt_dict(raw), optimizer=optimizer.state_dict(), step=step, data=data_state(), rng=rng),
-                        os.path.join(out, "ckpt.pt"))
+        if run.master and (step % cfg.eval_interval == 0 or step == last_step):
+            held_out_eval(cfg, run, data, policy, val_ref, step)
+        if run.master and (step % cfg.ckpt_interval == 0 or step == last_step):
+            state = dict(pairs=src.pairs.state_dict())
+            if cfg.online:
+                state.update(prompts=src.prompts.state_dict(), online_stats=dict(src.online))
+            save_state(cfg, run, policy, optimizer, step, state)
         t_log += time.time() - t_aside
         t_loop += time.time() - t_aside
+    return step
 
-    # --------------------------------------------------------------------------------------------
-    # final evaluation (rank 0)
+
+# ------------------------------------------------------------------------------------------------
+# 5b. RLHF: PPO against a reward (the task's exact one, or a reward model), with a per-token KL penalty
+
+def scalar_copy(model, device):
+    """A ScalarGPT with `model`'s weights: from a GPT with a new zero score head (a reward or value
+    model to train), from a ScalarGPT with its head (PPO-RM's value model starts as the reward model)."""
+    out = ScalarGPT(model.config)
+    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("score_head.") for k in missing)
+    return out.to(device)
+
+
+@torch.no_grad()
+def rollout(cfg, run, data, policy, reference, value, scorer, prompts, seed, kl_coef):
+    """One response per prompt from the policy itself (temperature 1), scored, with everything PPO's
+    update needs: old log-probs, values, per-token rewards, GAE advantages (whitened) and returns.
+    A response cut at max_new_tokens without an end token is scored as it is, minus no_eos_penalty,
+    and its last token is terminal (ppo.py's docstring says why)."""
+    t0 = time.time()
+    responses = sample(cfg, run, policy, prompts, seed, data.eot, exact=True)
+    t1 = time.time()
+    ids, mask = (x.to(run.device) for x in D.collate_sft(list(zip(prompts, responses)), data.eot))
+    n = mask.sum(1)
+    rmask = torch.arange(int(n.max()), device=run.device) < n[:, None]  # (B, R)
+    with run.ctx:
+        old_logps, _ = P.token_logps(policy, ids, mask, rmask)
+        ref_logps, _ = P.token_logps(reference, ids, mask, rmask)
+        values = P.token_values(value, ids, mask, rmask).float()
+        if scorer is None:  # PPO-GT: the task's exact reward
+            scores = torch.tensor([data.task["reward"](data.enc.decode(p), text(data, r)) for p, r in
+                                   zip(prompts, responses)], device=run.device, dtype=torch.float)
+        else:               # PPO-RM: the reward model's score at the last token
+            scores = P.last_token_scores(scorer, ids, mask).float()
+    truncated = torch.tensor([r[-1] != data.eot for r in responses], device=run.device)
+    scores = scores - cfg.no_eos_penalty * truncated
+    rewards, kl = P.per_token_rewards(old_logps, ref_logps, rmask, scores, kl_coef)
+    advantages, returns = P.gae(rewards, values, rmask, cfg.gamma, cfg.lam)
+    return SimpleNamespace(ids=ids, mask=mask, rmask=rmask, old_logps=old_logps, values=values, returns=returns,
+                           advantages=P.masked_whiten(advantages, rmask), scores=scores, kl=kl.sum(1),
+                           lengths=n.float(), widths=torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)]),
+                           truncated=truncated.float(), sample_s=t1 - t0, score_s=time.time() - t1)
+
+
+def ppo_update(cfg, run, policy, value, optimizers, ep, generator):
+    """ppo_epochs passes over the rollout in shuffled minibatches: one clipped policy step and one
+    clipped value step each. -> the mean of each statistic over all minibatch steps."""
+    stats = []
+    for _ in range(cfg.ppo_epochs):
+        for mb in torch.randperm(len(ep.ids), generator=generator).split(cfg.ppo_minibatch):
+            width = int(ep.widths[mb].max())  # the minibatch's own padding, not the rollout's
+            ids, mask, rmask = ep.ids[mb, :width], ep.mask[mb, :width], ep.rmask[mb]
+            with run.ctx:
+                logps, entropy = P.token_logps(policy, ids, mask, rmask, entropy=True)
+            pg_loss, pg = P.policy_loss(logps, ep.old_logps[mb], ep.advantages[mb], rmask, cfg.clip_range)
+            pg_loss.backward()
+            with run.ctx:
+                v = P.token_values(value, ids, mask, rmask)
+            v_loss, vs = P.value_loss(v.float(), ep.values[mb], ep.returns[mb], rmask, cfg.clip_range_value)
+            v_loss.backward()
+            norms = [clip_and_step(m.parameters(), opt, cfg.grad_clip) for m, opt in zip((policy, value), optimizers)]
+            if not all(torch.isfinite(g) for g in norms):
+                sys.exit(f"non-finite PPO gradient norm {[g.item() for g in norms]}; lower --ppo_lr")
+            stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), pg["clip_fraction"], pg["approx_kl"],
+                                      P.masked_mean(entropy.detach(), rmask), vs["value_clip_fraction"], *norms]))
+    names = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy", "value_clip_fraction",
+             "grad_norm", "value_grad_norm")
+    return dict(zip(names, torch.stack(stats).mean(0).tolist()))
+
+
+def ppo(cfg, run, data, policy, reference, val_ref):
+    """RLHF step 3: each iteration samples a rollout from the policy, scores it (rollout), and takes
+    ppo_epochs passes of clipped updates (ppo_update); evaluations and checkpoints as in dpo().
+    The value model is a separate ScalarGPT, initialised from the reward model (PPO-RM) or from the
+    SFT reference with a zero head (PPO-GT): the policy stays a plain GPT, and the value loss never
+    pulls on the policy's features. -> the last step taken."""
+    scorer = or_exit(load_model, cfg.reward_model, run.device, kind="ScalarGPT").eval() if cfg.reward_model else None
+    if scorer is None and data.task is None:
+        sys.exit("--method=ppo on a preference file needs --reward_model=<a --method=reward_model run's ckpt.pt>")
+    if scorer is not None and (scorer.config.vocab_size, scorer.config.block_size) != \
+            (policy.config.vocab_size, policy.config.block_size):
+        sys.exit(f"--reward_model={cfg.reward_model}: vocabulary and block size {scorer.config.vocab_size}, "
+                 f"{scorer.config.block_size} do not match the policy's {policy.config.vocab_size}, {policy.config.block_size}")
+    value = scalar_copy(scorer if scorer is not None else policy, run.device)
+    # dropout stays off in both models: the ratio pi/pi_old must compare one function at two weights
+    policy.eval(), value.eval()
+    optimizers = [make_optimizer(cfg, m, cfg.ppo_lr) for m in (policy, value)]
+    prompts = or_exit(D.Batches, sorted({tuple(p[-data.room:]) for p, _, _ in data.train}), cfg.rollout_batch, cfg.seed)
+    kl_ctl = P.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl else None
+    step = 0
+    if cfg.init_from == "resume":
+        step, state, ck = restore_state(cfg, policy, optimizers[0])
+        prompts.load_state_dict(state["prompts"])
+        value.load_state_dict(ck["value"])
+        optimizers[1].load_state_dict(ck["value_optimizer"])
+        if kl_ctl:
+            kl_ctl.load_state_dict(ck["kl_controller"])
+    last_step = min(cfg.ppo_iters, cfg.stop_at or cfg.ppo_iters)
+    while step < last_step:
+        lr = lr_at(step, cfg.ppo_lr, cfg.warmup_iters, cfg.ppo_iters, cosine=False)
+        for group in (g for opt in optimizers for g in opt.param_groups):
+            group["lr"] = lr
+        kl_coef = kl_ctl.value if kl_ctl else cfg.kl_coef
+        batch = [list(p) for p in prompts.next()]
+        ep = rollout(cfg, run, data, policy, reference, value, scorer, batch, hash((cfg.seed, step)) % 2**31, kl_coef)
+        t0 = time.time()
+        stats = ppo_update(cfg, run, policy, value, optimizers, ep, torch.Generator().manual_seed(cfg.seed + step))
+        step += 1
+        rec = dict(stage="ppo", step=step, score=ep.scores.mean().item(), kl=ep.kl.mean().item(), kl_coef=kl_coef,
+                   **stats, response_length=ep.lengths.mean().item(), truncated=ep.truncated.mean().item(),
+                   explained_variance=P.explained_variance(ep.values, ep.returns, ep.rmask), lr=lr,
+                   sample_s=ep.sample_s, score_s=ep.score_s, update_s=time.time() - t0, elapsed=time.time() - run.t_start)
+        if kl_ctl:
+            kl_ctl.update(rec["kl"], len(batch))
+        if step % cfg.log_interval == 0 or step == last_step:
+            print0(f"ppo {step}/{cfg.ppo_iters} | score {rec['score']:+.3f} | kl {rec['kl']:.3f} | "
+                   f"pg {rec['policy_loss']:+.4f} vf {rec['value_loss']:.4f} | clip {rec['clip_fraction']:.3f} | "
+                   f"approx_kl {rec['approx_kl']:.4f} | entropy {rec['entropy']:.3f} | len {rec['response_length']:.1f} | "
+                   f"ev {rec['explained_variance']:+.2f} | sample/score/update {ep.sample_s:.1f}/{ep.score_s:.1f}/"
+                   f"{rec['update_s']:.1f}s | {rec['elapsed']:.0f}s")
+            run.log(rec)
+        if step % cfg.eval_interval == 0 or step == last_step:
+            held_out_eval(cfg, run, data, policy, val_ref, step)
+        if step % cfg.ckpt_interval == 0 or step == last_step:
+            save_state(cfg, run, policy, optimizers[0], step, dict(prompts=prompts.state_dict()), value=value.state_dict(),
+                       value_optimizer=optimizers[1].state_dict(), kl_controller=kl_ctl.state_dict() if kl_ctl else None)
+    return step
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. evaluation: held-out preferences, and samples of policy and reference scored by the judge
+
+def preference_eval(cfg, run, data, policy, val_ref):
+    """The loss, implicit-reward accuracy (ties count as wrong) and margin on the held-out pairs."""
+    pc, pr, nc, nr = score_pairs(cfg, run, policy, data.val, data.eot)
+    losses, rw, rl = dpo_loss(pc, pr, *val_ref, cfg.beta, cfg.loss_type, cfg.label_smoothing, nc, nr)
+    return dict(val_loss=losses.mean().item(), pref_accuracy=(rw > rl).float().mean().item(),
+                val_margin=(rw - rl).mean().item())
+
+
+def reward_model_eval(cfg, run, data, rm):
+    """A reward model on the held-out pairs: Bradley-Terry loss, accuracy (ties count as wrong) and
+    margin; on the reviews task also the Pearson correlation of its scores with the exact reward,
+    over every held-out response (chosen and rejected)."""
+    rows = [(p, c) for p, c, _ in data.val] + [(p, r) for p, _, r in data.val]
+    r, B = score(cfg, run, rm, rows, data.eot)[0], len(data.val)
+    losses, accuracy = P.bradley_terry_loss(r[:B], r[B:])
+    res = dict(rm_val_loss=losses.mean().item(), rm_accuracy=accuracy, rm_margin=(r[:B] - r[B:]).mean().item())
+    if data.task is not None:
+        truth = torch.tensor([data.task["reward"](data.enc.decode(p), text(data, y)) for p, y in rows])
+        res["reward_correlation"] = torch.corrcoef(torch.stack([r.cpu(), truth]))[0, 1].item()
+    return res
+
+
+def held_out_eval(cfg, run, data, model, val_ref, step):
+    """The evaluation during training, on held-out pairs: a policy's implicit-reward metrics, or a
+    reward model's own."""
+    if cfg.method == "reward_model":
+        rec = reward_model_eval(cfg, run, data, model)
+        print0(f"eval {step}: val loss {rec['rm_val_loss']:.4f} | reward model accuracy {rec['rm_accuracy']:.3f} "
+               f"| margin {rec['rm_margin']:+.3f}")
+    else:
+        rec = preference_eval(cfg, run, data, model, val_ref)
+        print0(f"eval {step}: val loss {rec['val_loss']:.4f} | implicit-reward accuracy {rec['pref_accuracy']:.3f} "
+               f"| margin {rec['val_margin']:+.3f}")
+    run.log(dict(stage="eval", step=step, **rec))
+
+
+def win_rate(verdicts):
+    """Share of judge verdicts won by the policy (verdict 0); a tie (None) counts half."""
+    return sum(1.0 if w == 0 else 0.5 if w is None else 0.0 for w in verdicts) / len(verdicts)
+
+
+def sample_eval(cfg, run, data, policy, reference):
+    """Judge reward, win rate, KL and validity of policy samples against reference samples."""
+    t0, mean = time.time(), lambda xs: sum(xs) / len(xs)
+    pol = sample(cfg, run, policy, data.eval_ids, cfg.seed + 1, data.eot)
+    res = {"policy_mean_length": mean(list(map(len, pol)))}
+    pol_t, ref_t = [text(data, r) for r in pol], None
+    if reference is not None:
+        ref = sample(cfg, run, reference, data.eval_ids, cfg.seed + 2, data.eot)
+        # KL(pi || pi_ref) = E_{y~pi}[log pi(y) - log pi_ref(y)], estimated on the policy's own samples:
+        # an estimate of that KL only when the samples come from pi itself (temperature 1, no top-k)
+        if cfg.temperature != 1.0 or cfg.top_k:
+            print0("note: kl is measured on tempered/top-k samples, so it is not KL(pi || pi_ref)")
+        seqs = list(zip(data.eval_ids, pol))
+        res["kl"] = (score(cfg, run, policy, seqs, data.eot)[0] - score(cfg, run, reference, seqs, data.eot)[0]).mean().item()
+        res["reference_mean_length"] = mean(list(map(len, ref)))
+        ref_t = [text(data, r) for r in ref]
+        if data.judge is not None:
+            res["win_rate"] = win_rate([call_judge(data, p, a, b) for p, a, b in zip(data.eval_prompts, pol_t, ref_t)])
+    if data.task is not None:
+        reward, valid = data.task["reward"], data.task["is_valid"]
+        res["policy_reward"] = mean([reward(p, r) for p, r in zip(data.eval_prompts, pol_t)])
+        res["valid_fraction"] = mean([valid(r) for r in pol_t])
+        if ref_t:
+            res["reference_reward"] = mean([reward(p, r) for p, r in zip(data.eval_prompts, ref_t)])
+            res["reference_valid_fraction"] = mean([valid(r) for r in ref_t])
+    for i in range(min(cfg.show_samples, len(pol_t))):
+        print0(f"--- prompt: {data.eval_prompts[i]!r}\n    reference: {ref_t[i] if ref_t else '-'!r}\n    policy:    {pol_t[i]!r}")
+    res["sample_seconds"] = time.time() - t0
+    return res
+
+
+def final_eval(cfg, run, data, policy, reference, val_ref):
+    """Both evaluations of the trained policy (a reward model's own), written to eval.json and metrics.jsonl."""
+    if cfg.method == "reward_model":
+        result = dict(reward_model_eval(cfg, run, data, policy), wall_seconds=time.time() - run.t_start)
+    else:
+        result = dict(preference_eval(cfg, run, data, policy, val_ref), **sample_eval(cfg, run, data, policy, reference),
+                      wall_seconds=time.time() - run.t_start)
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    run.log(dict(stage="final", **result))
+    print0("final: " + " | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return result
+
+
+def eval_only(cfg, run, data, policy, reference, val_ref):
+    """Evaluate a checkpoint (and sample --prompt three times from each model), no training."""
+    policy.eval()
+    if cfg.prompt:
+        ids = [prompt_ids(data.enc, cfg.prompt, data.room)] * 3
+        for who, m in (("reference", reference), ("policy", policy)):
+            if m is not None:
+                for r in sample(cfg, run, m, ids, cfg.seed, data.eot):
+                    print0(f"{who}: {cfg.prompt!r} -> {text(data, r)!r}")
+    res = {**preference_eval(cfg, run, data, policy, val_ref), **sample_eval(cfg, run, data, policy, reference)}
+    print0(json.dumps(res, indent=1))
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+
+def main(argv):
+    cfg = parse_config(argv)
+    run = setup(cfg)
+    data = load_data(cfg, run)
+    policy = build_policy(cfg, run, data.enc)
+    tokenize(cfg, run, data, policy.config.block_size)
+    # the reference: trained here by SFT and saved, or a checkpoint's own; frozen, loaded once
+    ref_path = os.path.join(cfg.out_dir, "ref.pt")
+    if cfg.eval_only:
+        ref_path = os.path.join(os.path.dirname(os.path.abspath(cfg.init_from)), "ref.pt")
+    elif cfg.init_from != "resume":
+        if cfg.sft_iters > 0:
+            sft(cfg, run, policy, data, policy.config.block_size)
+        if run.master:
+            save_atomic(checkpoint(cfg, policy), ref_path)
+        if run.ddp:
+            dist.barrier()  # the other ranks load it next
+    reference = load_reference(cfg, run, ref_path)
+    val_ref = score_pairs(cfg, run, reference, data.val, data.eot)[:2]
+    if cfg.eval_only:
+        return eval_only(cfg, run, data, policy, reference, val_ref)
+    train_ref = None
+    if cfg.precompute_ref and reference is not None:
+        t0 = time.time()
+        train_ref = score_pairs(cfg, run, reference, data.train, data.eot)[:2]
+        print0(f"precomputed reference log-probs of {len(data.train)} pairs in {time.time() - t0:.1f}s; reference dropped")
+        reference = None  # freed for training; loaded again for the final evaluation
+    if cfg.method == "reward_model":  # RLHF step 2: the reward model starts from the SFT model
+        policy = scalar_copy(policy, run.device)
+    if cfg.method == "ppo":           # RLHF step 3
+        step = ppo(cfg, run, data, policy, reference, val_ref)
+    else:
+        step = dpo(cfg, run, data, policy, reference, train_ref, val_ref)
     result = None
-    if master and step == cfg["dpo_iters"]:
-        if reference is None and not cfg["reference_free"]:
-            reference = frozen(load_model(ref_path, device))
-        result = dict(preference_eval(raw), **sample_eval(raw), wall_seconds=time.time() - t_start)
-        with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        log(dict(stage="final", **result))
-        print0("final: " + " | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
-    if ddp:
+    if run.master and step == dict(reward_model=cfg.rm_iters, ppo=cfg.ppo_iters).get(cfg.method, cfg.dpo_iters):
+        if reference is None:
+            reference = load_reference(cfg, run, ref_path)
+        result = final_eval(cfg, run, data, policy, reference, val_ref)
+    if run.ddp:
         dist.barrier()
         dist.destroy_process_group()
     return result
