@@ -6,6 +6,7 @@
 # eval.json) is not run again, so an interrupted sweep continues where it stopped.
 #   bash scripts/frontier.sh [runs_dir]
 #   BETAS="1" ONLINE_BETAS="" PFT_LRS="" KLS="1" bash scripts/frontier.sh   # a subset
+#   REF=out/ref.pt bash scripts/frontier.sh                                  # an existing reference
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-runs/frontier}
@@ -22,8 +23,11 @@ run() {
   python train.py --out_dir="$runs/$name" --show_samples=0 "$@" > "$runs/$name.log"
   echo "$name: $(( $(date +%s) - t )) s"
 }
-run reference --dpo_iters=0                          # SFT only: the reference, evaluated against itself
-ref="--init_from=$runs/reference/ref.pt --sft_iters=0"
+if [ -z "${REF:-}" ]; then                           # REF=path/to/ref.pt reuses a reference
+  run reference --dpo_iters=0                        # SFT only: the reference, evaluated against itself
+  REF=$runs/reference/ref.pt
+fi
+ref="--init_from=$REF --sft_iters=0"
 for b in $betas; do run "dpo-beta$b" $ref --beta=$b; done
 for b in $online_betas; do run "online-beta$b" $ref --beta=$b --online=True; done
 for lr in $lrs; do run "preferred_ft-lr$lr" $ref --method=preferred_ft --dpo_lr=$lr; done
