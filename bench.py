@@ -4,6 +4,7 @@ How fast is a DPO step, against what this machine can do at most?
   python bench.py            # the full table (a few minutes on a 2-core CPU)
   python bench.py --quick    # a seconds-long subset (the test suite runs this)
   python bench.py --compile  # torch.compile the policy (worth it on a GPU)
+  python bench.py --ppo      # only the PPO iteration
 
 Measures, after warm-up, the median over steps of: the matmul ceiling (GFLOP/s of one large
 matmul, fp32 and bf16); a full DPO training step (policy forward+backward on chosen and rejected
@@ -187,15 +188,17 @@ def bench_ppo_iteration(shape, device, n_prompts, n_new, epochs):
 
 
 def main(argv):
-    quick, compile_model = "--quick" in argv, "--compile" in argv
+    quick, compile_model, ppo_only = "--quick" in argv, "--compile" in argv, "--ppo" in argv
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = 1024 if quick else (8192 if device == "cuda" else 2048)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, quick={quick}, compile={compile_model}")
-    ceiling = {dt: matmul_ceiling(d, device, n, 3 if quick else 10) for dt, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    # (--quick steps only in fp32; a CPU without native bf16 takes long over a bf16 matmul)
+    ceiling = {dt: float("nan") if ppo_only or (quick and dt == "bf16") else matmul_ceiling(d, device, n, 3 if quick else 10)
+               for dt, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"matmul ceiling ({n}x{n}): fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s")
 
-    rows = []
-    shapes = ["tiny"] if quick else list(SHAPES)
+    rows, sampling = [], []
+    shapes = [] if ppo_only else ["tiny"] if quick else list(SHAPES)
     dtypes = ["fp32"] if quick else ["fp32", "bf16"]
     print(f"\nDPO step: {PAIRS} pairs x ({PROMPT} prompt + {RESPONSE} response tokens), AdamW")
     print(f"{'shape':<11} {'dtype':<5} {'reference':<11} {'s/step':>8} {'pairs/s':>8} {'tokens/s':>9} {'peak MB':>8} {'MFU':>6}")
@@ -218,9 +221,8 @@ def main(argv):
         print(f"{shape}: precomputed reference {a['sec_per_step'] / p['sec_per_step']:.2f}x the step rate of a live one (fp32)")
 
     n_new = 32 if quick else 256
-    sampling = []
     print(f"\nsampling: 16 prompts x {n_new} new tokens")
-    for shape in ["tiny"] if quick or device == "cpu" else list(SHAPES):
+    for shape in [] if ppo_only else ["tiny"] if quick or device == "cpu" else list(SHAPES):
         for use_cache in (True, False):
             s = bench_sampling(shape, device, n_new, use_cache, "fp32")
             sampling.append(s)

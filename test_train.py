@@ -208,8 +208,8 @@ def test_kl_estimate_is_positive_and_zero_for_the_reference(tmp_path):
     assert train.sample_eval(cfg, run, d, other, ref)["kl"] > 0.5
 
 
-# ================================================================================================
-# train.py: a tiny end-to-end run, resume, DDP, configuration errors, online DPO and judges
+# ------------------------------------------------------------------------------------------------
+# tiny end-to-end runs: smoke, resume, DDP, configuration errors, online DPO and judges, speed paths
 
 def run_train(out, *args):
     return train.main(TINY + [f"--out_dir={out}", *args])
@@ -337,11 +337,14 @@ def test_bf16_live_reference_and_held_out_reference(tiny_run, tmp_path):
     ("--judge=nocolon", "bad value for --judge"),
 ])
 def test_bad_config_values(arg, message):
+    """Each bad command line stops before any work with one line naming the setting: the form, an
+    unknown key, a wrong type, a value out of range (the loss's own checks, shared with dpo.py)."""
     with pytest.raises(SystemExit, match=re.escape(message)):
         train.parse_config([arg])
 
 
 def test_help_lists_every_setting(capsys):
+    """--help prints every setting of CONFIG (each with its default and help line) and exits."""
     with pytest.raises(SystemExit):
         train.parse_config(["--help"])
     shown = capsys.readouterr().out
@@ -386,6 +389,7 @@ def test_online_dpo_with_a_pluggable_judge(tiny_run, tmp_path):
     ("test_train:judge_that_raises", "judge test_train:judge_that_raises raised RuntimeError: reward model offline"),
 ])
 def test_bad_judges_name_themselves(tiny_run, tmp_path, spec, message):
+    """A judge that cannot be imported, does not exist, or raises stops the run with its name."""
     ref = os.path.join(tiny_run[0], "ref.pt")
     with pytest.raises(SystemExit, match=re.escape(message)):
         run_train(tmp_path, f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=2", "--online=True", f"--judge={spec}")

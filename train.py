@@ -555,25 +555,26 @@ def objective(cfg, pc, pr, nc, nr, ref_c, ref_r, accum):
     return loss, torch.stack([shown, rw.mean(), rl.mean(), (rw > rl).float().mean(), pc.detach().mean(), pr.detach().mean()])
 
 
-def dpo_step(cfg, run, data, model, policy, reference, src, step):
-    """The gradients of one optimizer step: `run.accum` micro-batches, forward and backward each.
+def dpo_step(cfg, run, data, wrapped, model, reference, src, step):
+    """The gradients of one optimizer step: `run.accum` micro-batches, forward and backward each,
+    through `wrapped` (the model itself, or its DDP / compiled wrapper).
     -> (stats averaged over micro-steps, pairs and token positions seen, over all processes)."""
     stats, pairs, tokens = torch.zeros(6, device=run.device), 0, 0
     for micro in range(run.accum):
-        examples, ref_logps = next_batch(cfg, run, data, policy, src, step, micro)
+        examples, ref_logps = next_batch(cfg, run, data, model, src, step, micro)
         ids, mask = (x.to(run.device) for x in D.collate(examples, data.eot))
         if ref_logps is None and reference is not None:  # the live reference, in the policy's precision
             with torch.no_grad(), run.ctx:
                 ref_logps = [x.float() for x in concatenated_logps(reference, ids, mask)[:2]]
         ref_c, ref_r = ref_logps if ref_logps is not None else (None, None)
         last = not run.ddp or micro == run.accum - 1
-        with nullcontext() if last else model.no_sync():  # DDP all-reduces on the last micro-step only
+        with nullcontext() if last else wrapped.no_sync():  # DDP all-reduces on the last micro-step only
             with run.ctx:
                 if cfg.method == "reward_model":  # the scalar head at each sequence's last token
-                    r = P.last_token_scores(model, ids, mask)
+                    r = P.last_token_scores(wrapped, ids, mask)
                     pc, pr, nc, nr = r[:len(examples)], r[len(examples):], None, None
                 else:
-                    pc, pr, nc, nr = (x.float() for x in concatenated_logps(model, ids, mask))
+                    pc, pr, nc, nr = (x.float() for x in concatenated_logps(wrapped, ids, mask))
                 loss, s = objective(cfg, pc, pr, nc, nr, ref_c, ref_r, run.accum)
             loss.backward()
         stats += s / run.accum
@@ -601,15 +602,15 @@ def restore_state(cfg, model, optimizer):
     return ck["step"], ck["data"], ck
 
 
-def dpo(cfg, run, data, policy, reference, train_ref, val_ref):
+def dpo(cfg, run, data, model, reference, train_ref, val_ref):
     """The DPO loop: batches (offline, or sampled and judged online), the loss against the
     reference (live, or precomputed in `train_ref`), held-out evaluations and checkpoints.
-    The reward model of RLHF trains in the same loop (`policy` is then a ScalarGPT).
+    `model` is the policy, or RLHF's reward model (a ScalarGPT), which trains in the same loop.
     -> the last step taken."""
     rm = cfg.method == "reward_model"
     stage, iters, peak_lr = ("rm", cfg.rm_iters, cfg.rm_lr) if rm else ("dpo", cfg.dpo_iters, cfg.dpo_lr)
-    policy.train()
-    optimizer = make_optimizer(cfg, policy, peak_lr)
+    model.train()
+    optimizer = make_optimizer(cfg, model, peak_lr)
     src = SimpleNamespace(pairs=D.Batches(list(range(len(data.train))), cfg.batch_size, cfg.seed, run.rank, run.world),
                           prompts=None, online=dict(pairs=0, ties=0), train_ref=train_ref)
     if cfg.online:  # prompts keep their end and leave room to sample
@@ -617,23 +618,23 @@ def dpo(cfg, run, data, policy, reference, train_ref, val_ref):
         src.prompts = D.Batches(prompts, cfg.batch_size, cfg.seed, run.rank, run.world)
     step = 0
     if cfg.init_from == "resume":
-        step, state, _ = restore_state(cfg, policy, optimizer)
+        step, state, _ = restore_state(cfg, model, optimizer)
         src.pairs.load_state_dict(state["pairs"])
         if cfg.online:
             src.prompts.load_state_dict(state["prompts"])
             src.online = state["online_stats"]
-    model = DDP(policy) if run.ddp else policy
-    model = torch.compile(model) if cfg.compile else model
+    wrapped = DDP(model) if run.ddp else model  # what the forward passes go through
+    wrapped = torch.compile(wrapped) if cfg.compile else wrapped
     last_step = min(iters, cfg.stop_at or iters)
     t_loop, t_log, pairs_seen, tokens_seen, first_step = time.time(), time.time(), 0, 0, step
     while step < last_step:
         lr = lr_at(step, peak_lr, cfg.warmup_iters, iters, cosine=False)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        stats, pairs, tokens = dpo_step(cfg, run, data, model, policy, reference, src, step)
+        stats, pairs, tokens = dpo_step(cfg, run, data, wrapped, model, reference, src, step)
         pairs_seen, tokens_seen = pairs_seen + pairs, tokens_seen + tokens
         # gradients are identical on every rank after the all-reduce, so every rank stops together
-        gnorm = clip_and_step(policy.parameters(), optimizer, cfg.grad_clip)
+        gnorm = clip_and_step(model.parameters(), optimizer, cfg.grad_clip)
         if not torch.isfinite(gnorm):
             what = "loss" if not torch.isfinite(stats[0]) else "gradient norm"
             sys.exit(f"non-finite {what} at {stage} step {step + 1}; stopped, the last good checkpoint is {cfg.out_dir}/ckpt.pt")
@@ -658,12 +659,12 @@ def dpo(cfg, run, data, policy, reference, train_ref, val_ref):
             t_log, pairs_seen, tokens_seen = time.time(), 0, 0
         t_aside = time.time()  # evaluation and checkpoints do not count against the training rate
         if run.master and (step % cfg.eval_interval == 0 or step == last_step):
-            held_out_eval(cfg, run, data, policy, val_ref, step)
+            held_out_eval(cfg, run, data, model, val_ref, step)
         if run.master and (step % cfg.ckpt_interval == 0 or step == last_step):
             state = dict(pairs=src.pairs.state_dict())
             if cfg.online:
                 state.update(prompts=src.prompts.state_dict(), online_stats=dict(src.online))
-            save_state(cfg, run, policy, optimizer, step, state)
+            save_state(cfg, run, model, optimizer, step, state)
         t_log += time.time() - t_aside
         t_loop += time.time() - t_aside
     return step
@@ -755,12 +756,12 @@ def ppo(cfg, run, data, policy, reference, val_ref):
     # dropout stays off in both models: the ratio pi/pi_old must compare one function at two weights
     policy.eval(), value.eval()
     optimizers = [make_optimizer(cfg, m, cfg.ppo_lr) for m in (policy, value)]
-    prompts = or_exit(D.Batches, sorted({tuple(p[-data.room:]) for p, _, _ in data.train}), cfg.rollout_batch, cfg.seed)
+    prompt_loader = or_exit(D.Batches, sorted({tuple(p[-data.room:]) for p, _, _ in data.train}), cfg.rollout_batch, cfg.seed)
     kl_ctl = P.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl else None
     step = 0
     if cfg.init_from == "resume":
         step, state, ck = restore_state(cfg, policy, optimizers[0])
-        prompts.load_state_dict(state["prompts"])
+        prompt_loader.load_state_dict(state["prompts"])
         value.load_state_dict(ck["value"])
         optimizers[1].load_state_dict(ck["value_optimizer"])
         if kl_ctl:
@@ -771,8 +772,8 @@ def ppo(cfg, run, data, policy, reference, val_ref):
         for group in (g for opt in optimizers for g in opt.param_groups):
             group["lr"] = lr
         kl_coef = kl_ctl.value if kl_ctl else cfg.kl_coef
-        batch = [list(p) for p in prompts.next()]
-        ep = rollout(cfg, run, data, policy, reference, value, scorer, batch, hash((cfg.seed, step)) % 2**31, kl_coef)
+        prompts = [list(p) for p in prompt_loader.next()]
+        ep = rollout(cfg, run, data, policy, reference, value, scorer, prompts, hash((cfg.seed, step)) % 2**31, kl_coef)
         t0 = time.time()
         stats = ppo_update(cfg, run, policy, value, optimizers, ep, torch.Generator().manual_seed(cfg.seed + step))
         step += 1
@@ -781,7 +782,7 @@ def ppo(cfg, run, data, policy, reference, val_ref):
                    explained_variance=P.explained_variance(ep.values, ep.returns, ep.rmask), lr=lr,
                    sample_s=ep.sample_s, score_s=ep.score_s, update_s=time.time() - t0, elapsed=time.time() - run.t_start)
         if kl_ctl:
-            kl_ctl.update(rec["kl"], len(batch))
+            kl_ctl.update(rec["kl"], len(prompts))
         if step % cfg.log_interval == 0 or step == last_step:
             print0(f"ppo {step}/{cfg.ppo_iters} | score {rec['score']:+.3f} | kl {rec['kl']:.3f} | "
                    f"pg {rec['policy_loss']:+.4f} vf {rec['value_loss']:.4f} | clip {rec['clip_fraction']:.3f} | "
@@ -792,7 +793,7 @@ def ppo(cfg, run, data, policy, reference, val_ref):
         if step % cfg.eval_interval == 0 or step == last_step:
             held_out_eval(cfg, run, data, policy, val_ref, step)
         if step % cfg.ckpt_interval == 0 or step == last_step:
-            save_state(cfg, run, policy, optimizers[0], step, dict(prompts=prompts.state_dict()), value=value.state_dict(),
+            save_state(cfg, run, policy, optimizers[0], step, dict(prompts=prompt_loader.state_dict()), value=value.state_dict(),
                        value_optimizer=optimizers[1].state_dict(), kl_controller=kl_ctl.state_dict() if kl_ctl else None)
     return step
 
@@ -923,23 +924,24 @@ def main(argv):
     val_ref = score_pairs(cfg, run, reference, data.val, data.eot)[:2]
     if cfg.eval_only:
         return eval_only(cfg, run, data, policy, reference, val_ref)
-    train_ref = None
-    if cfg.precompute_ref and reference is not None:
-        t0 = time.time()
-        train_ref = score_pairs(cfg, run, reference, data.train, data.eot)[:2]
-        print0(f"precomputed reference log-probs of {len(data.train)} pairs in {time.time() - t0:.1f}s; reference dropped")
-        reference = None  # freed for training; loaded again for the final evaluation
-    if cfg.method == "reward_model":  # RLHF step 2: the reward model starts from the SFT model
-        policy = scalar_copy(policy, run.device)
+    reward_model = scalar_copy(policy, run.device) if cfg.method == "reward_model" else None
     if cfg.method == "ppo":           # RLHF step 3
         step = ppo(cfg, run, data, policy, reference, val_ref)
+    elif reward_model is not None:    # RLHF step 2: from the SFT model, in the DPO loop
+        step = dpo(cfg, run, data, reward_model, None, None, val_ref)
     else:
+        train_ref = None
+        if cfg.precompute_ref and reference is not None:
+            t0 = time.time()
+            train_ref = score_pairs(cfg, run, reference, data.train, data.eot)[:2]
+            print0(f"precomputed reference log-probs of {len(data.train)} pairs in {time.time() - t0:.1f}s; reference dropped")
+            reference = None  # freed for training; loaded again for the final evaluation
         step = dpo(cfg, run, data, policy, reference, train_ref, val_ref)
     result = None
     if run.master and step == dict(reward_model=cfg.rm_iters, ppo=cfg.ppo_iters).get(cfg.method, cfg.dpo_iters):
         if reference is None:
             reference = load_reference(cfg, run, ref_path)
-        result = final_eval(cfg, run, data, policy, reference, val_ref)
+        result = final_eval(cfg, run, data, policy if reward_model is None else reward_model, reference, val_ref)
     if run.ddp:
         dist.barrier()
         dist.destroy_process_group()
