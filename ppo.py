@@ -194,11 +194,16 @@ def response_space(flat, rmask):
     return out
 
 
+def predicting(mask):
+    """(B, T) True at the positions whose output predicts a response token: t-1 predicts token t."""
+    pred = torch.zeros_like(mask)
+    pred[:, :-1] = mask[:, 1:]
+    return pred
+
+
 def token_logps(model, ids, mask, rmask, entropy=False):
     """log pi of each sampled response token (B, R), and with entropy=True the entropy of pi there."""
-    pred = torch.zeros_like(mask)
-    pred[:, :-1] = mask[:, 1:]                             # position t-1 predicts response token t
-    logits = model(ids, select=pred).float()               # (N, V)
+    logits = model(ids, select=predicting(mask)).float()   # (N, V)
     logp = torch.log_softmax(logits, -1).gather(1, ids[:, 1:][mask[:, 1:]][:, None]).squeeze(1)
     if not entropy:
         return response_space(logp, rmask), None
@@ -209,9 +214,7 @@ def token_logps(model, ids, mask, rmask, entropy=False):
 
 def token_values(value, ids, mask, rmask):
     """V(s_t) (B, R): the value model at the position that predicts response token t."""
-    pred = torch.zeros_like(mask)
-    pred[:, :-1] = mask[:, 1:]
-    return response_space(value(ids, select=pred), rmask)
+    return response_space(value(ids, select=predicting(mask)), rmask)
 
 
 def last_token_scores(model, ids, mask):

@@ -873,13 +873,16 @@ def sample_eval(cfg, run, data, policy, reference):
     return res
 
 
-def final_eval(cfg, run, data, policy, reference, val_ref):
-    """Both evaluations of the trained policy (a reward model's own), written to eval.json and metrics.jsonl."""
+def evaluate(cfg, run, data, model, reference, val_ref):
+    """Both evaluations of a policy: held-out preferences, then samples; a reward model's own."""
     if cfg.method == "reward_model":
-        result = dict(reward_model_eval(cfg, run, data, policy), wall_seconds=time.time() - run.t_start)
-    else:
-        result = dict(preference_eval(cfg, run, data, policy, val_ref), **sample_eval(cfg, run, data, policy, reference),
-                      wall_seconds=time.time() - run.t_start)
+        return reward_model_eval(cfg, run, data, model)
+    return {**preference_eval(cfg, run, data, model, val_ref), **sample_eval(cfg, run, data, model, reference)}
+
+
+def final_eval(cfg, run, data, model, reference, val_ref):
+    """The evaluation at the end of training, written to eval.json and metrics.jsonl."""
+    result = dict(evaluate(cfg, run, data, model, reference, val_ref), wall_seconds=time.time() - run.t_start)
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     run.log(dict(stage="final", **result))
@@ -896,7 +899,7 @@ def eval_only(cfg, run, data, policy, reference, val_ref):
             if m is not None:
                 for r in sample(cfg, run, m, ids, cfg.seed, data.eot):
                     print0(f"{who}: {cfg.prompt!r} -> {text(data, r)!r}")
-    res = {**preference_eval(cfg, run, data, policy, val_ref), **sample_eval(cfg, run, data, policy, reference)}
+    res = evaluate(cfg, run, data, policy, reference, val_ref)
     print0(json.dumps(res, indent=1))
     return res
 
