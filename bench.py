@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 
 from dpo import concatenated_logps, dpo_loss
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, ScalarGPT
 
 SHAPES = {  # name: (n_layer, n_head, n_embd, vocab_size)
     "tiny": (4, 4, 128, 257),
@@ -165,19 +165,20 @@ def bench_ppo_iteration(shape, device, n_prompts, n_new, epochs):
     torch.manual_seed(0)
     cfg = train.parse_config([f"--max_new_tokens={n_new}", f"--rollout_batch={n_prompts}", f"--ppo_epochs={epochs}",
                               "--ppo_minibatch=16", "--dtype=float32", f"--sample_batch_size={n_prompts}"])
-    run = SimpleNamespace(device=device, ctx=nullcontext())
+    run = SimpleNamespace(device=device, ctx=nullcontext(), ddp=False)
     policy = GPT(GPTConfig(vocab_size=V, block_size=PROMPT + n_new, n_layer=L, n_head=H, n_embd=C)).to(device)
     reference = GPT(policy.config).to(device).eval().requires_grad_(False)
-    value, scorer = train.scalar_copy(policy, device), train.scalar_copy(policy, device).eval()
+    value, scorer = ScalarGPT.from_model(policy), ScalarGPT.from_model(policy).eval()
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (policy, value)]
     prompts = torch.randint(0, V - 1, (n_prompts, PROMPT)).tolist()
     data = SimpleNamespace(eot=V - 1)
+    guard = train.Guard(cfg, run, "ppo", [policy, value], "none")  # its checks are part of the cost
     ep = train.rollout(cfg, run, data, policy, reference, value, scorer, prompts, 0, 0.1)  # warm-up
     times = []
     for i in range(2):
         t0 = time.perf_counter()
         ep = train.rollout(cfg, run, data, policy, reference, value, scorer, prompts, i, 0.1)
-        train.ppo_update(cfg, run, policy, value, optimizers, ep, torch.Generator().manual_seed(i))
+        train.ppo_update(cfg, run, policy, value, optimizers, ep, torch.Generator().manual_seed(i), guard, i + 1)
         sync(device)
         total = time.perf_counter() - t0
         times.append((ep.sample_s, ep.score_s, total - ep.sample_s - ep.score_s, total))

@@ -7,17 +7,21 @@ A pair is a dict {"prompt": str, "chosen": str, "rejected": str}. Responses
 keep their leading space (" Sure, ...") because BPE tokens carry it.
 """
 
+import base64
+import binascii
 import gzip
+import hashlib
+import importlib
 import json
 import math
 import os
 import random
 import re
+import zlib
 from collections import Counter
 
 import tiktoken
 import torch
-from tiktoken.load import load_tiktoken_bpe
 
 
 ASSISTANT = "\n\nAssistant:"
@@ -98,8 +102,8 @@ def _read_records(path):
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
             text = f.read()
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read as UTF-8 text ({e})") from None
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+        raise ValueError(f"{path}: cannot read as UTF-8 text ({type(e).__name__}: {e})") from None
     if base.endswith(".json"):
         try:
             data = json.loads(text)
@@ -206,7 +210,7 @@ def get_tokenizer(name):
     if name.endswith(".tiktoken"):
         if not os.path.isfile(name):
             raise FileNotFoundError(f"{name}: no such .tiktoken file")
-        ranks = load_tiktoken_bpe(name)
+        ranks = read_tiktoken_ranks(name)
         return tiktoken.Encoding(os.path.basename(name)[:-len(".tiktoken")], pat_str=GPT2_PATTERN,
                                  mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
     try:
@@ -215,6 +219,35 @@ def get_tokenizer(name):
         raise ValueError(f"cannot load tiktoken encoding {name!r} ({type(e).__name__}: {e}). "
                          f"Offline, pass 'bytes' or a .tiktoken file, "
                          f"e.g. a local copy of GPT-2's ranks, gpt2.tiktoken") from e
+
+
+def read_tiktoken_ranks(path):
+    """A .tiktoken file: one 'base64(token bytes) rank' per line. Read here, not by tiktoken's
+    loader, so the file on disk now is the vocabulary used (a replaced file is a new vocabulary)."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise ValueError(f"{path}: line {n}: expected 'base64-token rank', got {line[:60]!r}") from None
+    if not ranks:
+        raise ValueError(f"{path}: empty .tiktoken file (no tokens)")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1}, each once")
+    return ranks
+
+
+def file_digest(path):
+    """sha256 of a file's bytes: what a resumed run checks its data and tokenizer files against."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def tokenize_pairs(pairs, enc, block_size, min_prompt_tokens=8, verbose=True):
@@ -366,6 +399,29 @@ class Batches:
         if d["pos"] < 0 or d["pos"] % self.global_size:
             raise ValueError(f"pos {d['pos']} is not a multiple of the global batch {self.global_size}")
         self.epoch, self.pos = int(d["epoch"]), int(d["pos"])
+
+
+# -----------------------------------------------------------------------------
+# judges: judge(prompt, a, b) -> 0 (a is better), 1 (b is better) or None (a tie)
+
+def load_judge(spec):
+    """'module:function' -> the callable, with errors that name the spec."""
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--judge={spec}: cannot load it ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"--judge={spec}: {fn_name} is not callable")
+    return fn
+
+
+def pair_judge(reward):
+    """A judge from a reward function: the higher reward wins, equal rewards tie."""
+    def judge(prompt, a, b):
+        ra, rb = reward(prompt, a), reward(prompt, b)
+        return None if ra == rb else (0 if ra > rb else 1)
+    return judge
 
 
 # -----------------------------------------------------------------------------

@@ -6,11 +6,12 @@ Parameter names follow the Hugging Face GPT-2 layout (transformer.wte, transform
 Conv1D weights. The model returns logits for every position: DPO scores whole responses, not just
 the next token. `generate` samples a batch of prompts of different lengths with a key/value cache.
 """
+import hashlib
 import json
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -224,8 +225,11 @@ class GPT(nn.Module):
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{cfg_file}: not found (expected a Hugging Face GPT-2 folder)")
-        with open(cfg_file) as f:
-            hf = json.load(f)
+        try:
+            with open(cfg_file) as f:
+                hf = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
         try:
             cfg = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
                             n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
@@ -235,7 +239,12 @@ class GPT(nn.Module):
         if os.path.isfile(st):
             sd, src = load_safetensors(st), st
         elif os.path.isfile(pt):
-            sd, src = torch.load(pt, map_location="cpu", weights_only=True), pt  # never unpickle code
+            try:  # weights_only: never unpickle code
+                sd, src = torch.load(pt, map_location="cpu", weights_only=True), pt
+            except Exception as e:
+                raise ValueError(f"{pt}: not a readable PyTorch weights file ({type(e).__name__})") from None
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise ValueError(f"{pt}: not a state dict of tensors")
         else:
             raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
         model = cls(cfg)
@@ -281,6 +290,102 @@ class ScalarGPT(GPT):
         h = (h if select is None else h[select]).float()
         with torch.autocast(h.device.type, enabled=False):  # a score of bf16 precision would make ties
             return self.score_head(h).squeeze(-1)
+
+    @classmethod
+    def from_model(cls, model):
+        """A ScalarGPT with `model`'s weights: from a GPT with a new zero head (a reward or value model
+        to train), from a ScalarGPT with its head (PPO-RM's value model starts as the reward model)."""
+        out = cls(model.config).to(next(model.parameters()).device)
+        missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("score_head.") for k in missing)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints of this project: written atomically from finite weights, verified when read
+
+def digest(obj):
+    """sha256 of a checkpoint's content: every tensor's dtype, shape and bytes and every other value,
+    walked in a fixed order. Stored in the file and checked on load, so a flipped byte in the weights,
+    the optimizer state or the RNG state is caught (torch.load does not check its zip's CRCs)."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy())  # the raw bytes, no copy
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):  # optimizer state has int keys
+                h.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(repr(x).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(path, model, **extra):
+    """Write `model` (weights, shape, kind) and `extra` state to `path` with the digest of it all.
+    Atomic: the bytes go to path.tmp, which replaces `path` only once complete, so a crash mid-write
+    leaves the last good file. Non-finite weights are refused, never written. -> the digest."""
+    sd = model.state_dict()
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: not written: non-finite weights in {', '.join(bad[:3])}")
+    ck = dict(model=sd, model_args=asdict(model.config), kind=type(model).__name__, **extra)
+    ck["sha256"] = digest(ck)
+    try:
+        torch.save(ck, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # a full disk, a missing folder: torch raises either
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise OSError(f"{path}: cannot write it ({why}); the previous file, if any, is intact") from None
+    return ck["sha256"]
+
+
+def load_checkpoint(path):
+    """A file written by save_checkpoint, verified: read with weights_only (tensors and plain
+    containers, never code) and refused unless its content matches the digest written with it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a zip, or a pickled object: never unpickled to find out
+        raise ValueError(f"{path}: not a checkpoint of this project (unreadable: {type(e).__name__})") from None
+    if not isinstance(ck, dict) or not {"model", "model_args", "sha256"} <= ck.keys():
+        raise ValueError(f"{path}: not a checkpoint of this project (no weights, shape or checksum)")
+    if digest({k: v for k, v in ck.items() if k != "sha256"}) != ck["sha256"]:
+        raise ValueError(f"{path}: corrupted: its content does not match the checksum written with it")
+    return ck
+
+
+def load_model(path, device="cpu", dropout=0.0, kind="GPT"):
+    """A model from a checkpoint of this project (a GPT policy, or with kind='ScalarGPT' a reward
+    model) or, for a GPT, a Hugging Face GPT-2 folder."""
+    if os.path.isdir(path) and kind == "GPT":
+        return GPT.from_pretrained(path, dropout=dropout).to(device)
+    ck = load_checkpoint(path)
+    names = dict(GPT="a language model (policy)", ScalarGPT="a reward model")
+    if ck.get("kind", "GPT") != kind:
+        raise ValueError(f"{path}: holds {names.get(ck.get('kind'), ck.get('kind'))}, where {names[kind]} is needed")
+    try:
+        model = (ScalarGPT if kind == "ScalarGPT" else GPT)(GPTConfig(**{**ck["model_args"], "dropout": dropout}))
+        model.load_state_dict(ck["model"])
+    except (TypeError, RuntimeError, AssertionError) as e:
+        raise ValueError(f"{path}: its weights do not fit its model shape ({str(e).splitlines()[0][:120]})") from None
+    return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading safetensors without the safetensors package
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
               "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}

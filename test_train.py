@@ -3,22 +3,25 @@ Tests of train.py (and bench.py): the stages as units, then tiny end-to-end runs
 DDP, configuration errors, online DPO and judges, every loss type, a GPT-2 folder.
 """
 import base64
+import functools
 import gzip
 import json
 import math
 import os
-import random
 import re
+import signal
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
-import tiktoken
 import torch
 
 import data
 import train
-from test_model import hf_state_dict, tiny_model, write_config, write_safetensors
+from model import ScalarGPT, load_checkpoint, load_model, save_checkpoint
+from test_model import Payload, hf_state_dict, tiny_model, write_config, write_safetensors
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,6 +30,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=160", "--batch_size=8", "--sft_batch_size=16",
         "--eval_pairs=32", "--eval_samples=8", "--max_new_tokens=24", "--show_samples=1", "--log_interval=1",
         "--dtype=float32", "--warmup_iters=2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def task_built_once():
+    """Every run in this file builds the same reviews task (seed 1337, 0.5 s each): build it once."""
+    original = data.make_task
+    data.make_task = functools.lru_cache(original)
+    yield
+    data.make_task = original
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory):
+    """The first 400 training pairs of the reviews task as a .jsonl preference file: for runs whose
+    test needs a whole pass over the data (a precomputed reference), not the task's 10,000 pairs."""
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in data.make_task(seed=1337)["train"][:400]))
+    return str(path)
 
 
 def stage_inputs(tmp_path, *args):
@@ -82,43 +103,13 @@ def test_win_rate_counts_ties_half():
     assert train.win_rate([0, None, 1, 0]) == 0.625
 
 
-class Payload:
-    """An object that would run code if unpickled."""
-    def __reduce__(self):
-        return (print, ("UNPICKLED",))
-
-
-def test_load_model_reads_weights_only(tmp_path, capsys):
-    """A checkpoint holds tensors and plain containers. A file carrying a pickled object is refused
-    as 'not a checkpoint of this project', and the object's code never runs (nothing printed)."""
-    m = tiny_model()
-    good = dict(model=m.state_dict(), model_args=vars(m.config))
-    torch.save(good, tmp_path / "good.pt")
-    loaded = train.load_model(str(tmp_path / "good.pt"), "cpu")
-    assert torch.equal(loaded.transformer.wte.weight, m.transformer.wte.weight)
-    torch.save(dict(good, extra=Payload()), tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="evil.pt: not a checkpoint of this project"):
-        train.load_model(str(tmp_path / "evil.pt"), "cpu")
-    assert "UNPICKLED" not in capsys.readouterr().out
-
-
-def test_save_atomic_keeps_the_last_good_file(tmp_path):
-    """A write that fails half-way (a lambda cannot be pickled) leaves the previous file whole:
-    the new bytes go to a temporary file that only replaces the old one once complete."""
-    path = str(tmp_path / "ckpt.pt")
-    train.save_atomic({"step": torch.tensor(1)}, path)
-    with pytest.raises(Exception):
-        train.save_atomic({"step": torch.tensor(2), "bad": lambda: 0}, path)
-    assert torch.load(path, weights_only=True)["step"].item() == 1
-
-
 def test_reference_is_frozen_and_in_eval_mode(tmp_path):
     """With --dropout=0.5 the policy drops units, but the reference is loaded in eval mode with no
     parameter requiring a gradient, so two forwards of it agree exactly; reference-free: None."""
     cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", "--dropout=0.5"])
     run = train.setup(cfg)
     m = tiny_model(vocab_size=257, n_embd=64, block_size=160, dropout=0.5)
-    train.save_atomic(train.checkpoint(cfg, m), str(tmp_path / "ref.pt"))
+    save_checkpoint(str(tmp_path / "ref.pt"), m)
     ref = train.load_reference(cfg, run, str(tmp_path / "ref.pt"))
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
     ids = torch.randint(0, 257, (2, 20))
@@ -267,7 +258,7 @@ def test_resume_matches_uninterrupted_run(tiny_run, tmp_path):
     assert la == lb
 
 
-def test_ddp_matches_single_process(tiny_run, tmp_path):
+def test_ddp_matches_single_process(tiny_run, small_file, tmp_path):
     """torchrun with 2 CPU processes (gloo), 4 pairs each, 1 micro-step, equals one process with
     4 pairs x 2 micro-steps: the same 8 pairs per step, gradients averaged the same way, so the
     updates after 3 steps agree to float tolerance: |w_ddp - w_single| / |w_single - w_0| < 1e-3.
@@ -278,7 +269,7 @@ def test_ddp_matches_single_process(tiny_run, tmp_path):
     noise by its own tiny scale and turns it into updates of either sign.)"""
     ref = os.path.join(tiny_run[0], "ref.pt")
     common = [f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=3", "--dpo_lr=1e-3", "--batch_size=4",
-              "--grad_accum=2", "--eval_samples=4"]
+              "--grad_accum=2", "--eval_samples=4", f"--data={small_file}"]
     run_train(tmp_path / "single", *common)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            *TINY, *common, f"--out_dir={tmp_path / 'ddp'}"]
@@ -441,12 +432,14 @@ def test_bench_quick(capsys):
     (["--loss_type=ipo", "--beta=0.5"], 1.0),
     (["--loss_type=hinge"], 1.0),
 ])
-def test_every_loss_type_trains(tiny_run, tmp_path, args, first_loss):
+def test_every_loss_type_trains(tiny_run, small_file, tmp_path, args, first_loss):
     """At DPO step 1 the policy is the reference, so h = 0 and the first loss is known by hand:
     conservative DPO -(1-eps) log sigmoid(0) - eps log sigmoid(0) = log 2 whatever eps;
-    IPO (0 - 1/(2*0.5))^2 = 1; hinge relu(1 - 0) = 1."""
+    IPO (0 - 1/(2*0.5))^2 = 1; hinge relu(1 - 0) = 1. (The precomputed case scores every training
+    pair first, so it runs on a 400-pair file.)"""
     ref = os.path.join(tiny_run[0], "ref.pt")
-    res = run_train(tmp_path, f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=3", "--eval_samples=4", *args)
+    small = [f"--data={small_file}"] if "--precompute_ref=True" in args else []
+    res = run_train(tmp_path, f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=3", "--eval_samples=4", *small, *args)
     dpo = [r for r in read_metrics(tmp_path) if r["stage"] == "dpo"]
     if first_loss is not None:
         assert dpo[0]["loss"] == pytest.approx(first_loss, abs=1e-5)
@@ -486,7 +479,7 @@ def test_first_loss_of_reference_free_and_preferred_ft(tiny_run, tmp_path, metho
     run_train(tmp_path / "run", f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=1", "--eval_samples=4", arg)
     _, _, d = stage_inputs(tmp_path / "inputs")
     batch = [d.train[i] for i in data.Batches(list(range(len(d.train))), 8, 1337).next()]
-    m = train.load_model(ref, "cpu")
+    m = load_model(ref, "cpu")
     with torch.no_grad():
         ids, mask = data.collate(batch, d.eot)
         lp, n = sequence_logps(m(ids), ids, mask)
@@ -563,9 +556,9 @@ def test_rlhf_bad_inputs_name_themselves(tiny_run, tiny_rm, tmp_path):
              (["--method=ppo", "--ppo_minibatch=3"], "bad value for --ppo_minibatch: 3 (must be a divisor of --rollout_batch)"),
              (["--method=dpo", f"--reward_model={ref}"], "bad value for --reward_model"),
              (["--method=ppo", "--precompute_ref=True"], "--precompute_ref=True is a DPO setting")]
-    for args, message in cases:
+    for i, (args, message) in enumerate(cases):
         with pytest.raises(SystemExit, match=re.escape(message)):
-            run_train(tmp_path / "bad", *RLHF, *args)
+            run_train(tmp_path / f"bad{i}", *RLHF, *args)
 
 
 def test_rollout_scores_truncated_responses_with_a_penalty(tiny_run, tmp_path):
@@ -574,11 +567,234 @@ def test_rollout_scores_truncated_responses_with_a_penalty(tiny_run, tmp_path):
     per-token KL against itself is 0, so the GAE returns at the first token (gamma = lambda = 1)
     equal the scores."""
     cfg, run, d = stage_inputs(tmp_path, "--max_new_tokens=4", "--no_eos_penalty=1.5", "--lam=1.0")
-    policy = train.load_model(f"{tiny_run[0]}/ref.pt", "cpu")
-    value = train.scalar_copy(policy, "cpu")
+    policy = load_model(f"{tiny_run[0]}/ref.pt", "cpu")
+    value = ScalarGPT.from_model(policy)
     prompts = [d.train[i][0] for i in range(6)]
     ep = train.rollout(cfg, run, d, policy, policy, value, None, prompts, 0, 1.0)
     assert ep.truncated.tolist() == [1.0] * 6
     texts = [d.enc.decode(ids[m].tolist()) for ids, m in zip(ep.ids, ep.mask)]
     expected = [data.reward(None, t) - 1.5 for t in texts]
     assert ep.scores.tolist() == pytest.approx(expected) and ep.returns[:, 0].tolist() == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# runs that stop, resume and refuse bad input safely
+
+FAST = ["--sft_iters=0", "--eval_samples=4", "--eval_pairs=8"]
+
+
+def test_a_new_run_never_clobbers_another(tiny_run, tmp_path):
+    """A second run into the same out_dir stops and names the flag to add; with --overwrite=True the
+    old files are deleted first, so metrics.jsonl holds one run: one 'final' record, not two."""
+    args = [f"--init_from={tiny_run[0]}/ref.pt", *FAST, "--dpo_iters=1"]
+    run_train(tmp_path, *args)
+    with pytest.raises(SystemExit, match=r"holds another run's files \(ref.pt, ckpt.pt, config.json, metrics.jsonl, "
+                                         r"eval.json\): add --overwrite=True to replace them"):
+        run_train(tmp_path, *args)
+    run_train(tmp_path, *args, "--overwrite=True")
+    assert [r["stage"] for r in read_metrics(tmp_path)].count("final") == 1
+
+
+def test_guard_rules_by_hand(tmp_path):
+    """The divergence rule with --diverge=100: the first loss 0.5 sets the scale max(0.5, 1) = 1, so a
+    loss of 99 passes and 101 stops the run; a NaN loss stops it. One weight w = 3 has norm 3: a step
+    to 5.9 (< 2 x 3) passes, then a step from 5.9 to 12 (> 11.8) stops it, as does a non-finite
+    gradient norm. Every stop names the last good checkpoint it was given."""
+    cfg = train.parse_config([f"--out_dir={tmp_path}", "--diverge=100"])
+    w = torch.nn.Parameter(torch.tensor([3.0]))
+    guard = train.Guard(cfg, SimpleNamespace(ddp=False), "dpo", [torch.nn.ParameterList([w])], "out/ckpt.pt (dpo step 7)")
+    guard.before_step(1, torch.tensor(0.5))
+    guard.before_step(2, torch.tensor(99.0))
+    with pytest.raises(SystemExit, match=r"dpo step 3: loss 101 is over --diverge=100 x max\(first loss 0.5, 1\).*"
+                                         r"The last good checkpoint is out/ckpt.pt \(dpo step 7\)"):
+        guard.before_step(3, torch.tensor(101.0))
+    with pytest.raises(SystemExit, match="dpo step 4: non-finite loss"):
+        guard.before_step(4, torch.tensor(float("nan")))
+    with torch.no_grad():
+        w.fill_(5.9)
+    guard.after_step(5, torch.tensor(1.0))
+    with torch.no_grad():
+        w.fill_(12.0)
+    with pytest.raises(SystemExit, match="dpo step 6: the weights' norm went from 5.9 to 12 in one step"):
+        guard.after_step(6, torch.tensor(1.0))
+    with pytest.raises(SystemExit, match=r"dpo step 7: non-finite gradient norm \[inf\]"):
+        guard.after_step(7, torch.tensor(float("inf")))
+
+
+def test_divergence_stops_before_a_bad_checkpoint(tiny_run, tmp_path):
+    """--dpo_lr=1e3 with a checkpoint every step: AdamW's first step moves every weight by about
+    1e3, so the weights' norm grows far more than 2x at step 1 and the run stops there, naming ref.pt
+    (nothing of the diverged step is written: no ckpt.pt). With the rule off (--diverge=0) the step-1
+    weights are large but finite and are saved; step 2's gradient is not finite, and the stop names
+    ckpt.pt at step 1, whose weights really are finite."""
+    args = [f"--init_from={tiny_run[0]}/ref.pt", *FAST, "--dpo_iters=3", "--dpo_lr=1e3", "--ckpt_interval=1"]
+    with pytest.raises(SystemExit, match=r"dpo step 1: the weights' norm went from .* The last good checkpoint is "
+                                         r".*/a/ref.pt \(the SFT model"):
+        run_train(tmp_path / "a", *args)
+    assert not os.path.exists(tmp_path / "a" / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"dpo step 2: non-finite .* The last good checkpoint is .*/b/ckpt.pt \(dpo step 1\)"):
+        run_train(tmp_path / "b", *args, "--diverge=0")
+    ck = load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    assert ck["step"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_resume_refuses_another_run(tiny_run, small_file, tmp_path):
+    """A run stopped at step 2 of 4 (dpo_iters 4) is continued only with its own settings, data,
+    reference and step count; each mismatch stops with a line saying what differs. Settings not
+    given on the command line come from the run's config.json, so a bare resume continues it."""
+    args = [f"--init_from={tiny_run[0]}/ref.pt", *FAST, "--dpo_iters=4", f"--data={small_file}"]
+    out = tmp_path / "run"
+    run_train(out, *args, "--stop_at=2")
+    cases = [(["--n_layer=3"], r"what differs: --n_layer=3 \(the run has 2\)"),
+             (["--seed=7"], r"--seed=7 \(the run has 1337\)"),
+             (["--batch_size=4"], r"--batch_size=4 \(the run has 8\)"),
+             (["--dpo_iters=1"], r"ckpt.pt is at dpo step 2, past the 1 asked for: pass a larger --dpo_iters")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            train.main(["--init_from=resume", f"--out_dir={out}", *extra])
+    other = tmp_path / "other"  # another run's reference copied over this one's
+    run_train(other, *args, "--dpo_iters=1", "--seed=5")
+    ref = (out / "ref.pt").read_bytes()
+    (out / "ref.pt").write_bytes((other / "ref.pt").read_bytes())
+    with pytest.raises(SystemExit, match=r"ref.pt, not the reference the run trained against"):
+        train.main(["--init_from=resume", f"--out_dir={out}"])
+    (out / "ref.pt").write_bytes(ref)
+    pairs = open(small_file).read()
+    with open(small_file, "w") as f:  # the same path, other content
+        f.write(pairs.replace("superb", "splendid"))
+    try:
+        with pytest.raises(SystemExit, match=r"the data file's content"):
+            train.main(["--init_from=resume", f"--out_dir={out}"])
+    finally:
+        with open(small_file, "w") as f:
+            f.write(pairs)
+    assert train.main(["--init_from=resume", f"--out_dir={out}"]) is not None  # its own: runs to the end
+    assert [r["step"] for r in read_metrics(out) if r["stage"] == "dpo"] == [1, 2, 3, 4]
+
+
+def test_resume_before_the_first_checkpoint_and_with_nothing(tiny_run, tmp_path):
+    """Killed after ref.pt but before DPO's first ckpt.pt: resume starts DPO at step 1 from ref.pt
+    (no traceback). An out_dir with no run in it: a one-line refusal."""
+    out = tmp_path / "run"
+    run_train(out, f"--init_from={tiny_run[0]}/ref.pt", *FAST, "--dpo_iters=2")
+    os.remove(out / "ckpt.pt")
+    run_train(out, *FAST, "--dpo_iters=2", "--init_from=resume")
+    assert [r["step"] for r in read_metrics(out) if r["stage"] == "dpo"] == [1, 2, 1, 2]
+    with pytest.raises(SystemExit, match=r"holds no run to continue \(no ref.pt or sft.pt\)"):
+        run_train(tmp_path / "empty", "--init_from=resume")
+
+
+def test_sft_stops_and_resumes_exactly(tmp_path, monkeypatch):
+    """SFT checkpoints too: a stop request seen after SFT step 5 (of 12) writes sft.pt and exits with
+    128 + SIGTERM = 143; resuming finishes SFT from sft.pt, and the reference it saves equals, weight
+    for weight, the one of an uninterrupted run (same optimizer state, batches and dropout RNG).
+    sft.pt is removed once ref.pt is written."""
+    args = ["--sft_iters=12", "--dpo_iters=1", "--dropout=0.1", *FAST[1:]]
+    run_train(tmp_path / "a", *args)
+    calls = iter(range(100))
+    monkeypatch.setattr(train, "stop_requested", lambda run: next(calls) == 4)  # the 5th step's check
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "b", *args)
+    assert e.value.code == 128 + signal.SIGTERM and load_checkpoint(str(tmp_path / "b" / "sft.pt"))["step"] == 5
+    monkeypatch.setattr(train, "stop_requested", lambda run: False)
+    run_train(tmp_path / "b", "--init_from=resume")
+    a, b = (load_checkpoint(str(tmp_path / d / "ref.pt"))["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not os.path.exists(tmp_path / "b" / "sft.pt")
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(tiny_run, small_file, tmp_path):
+    """A real SIGTERM to `python train.py` during DPO: the step in progress finishes, ckpt.pt is
+    written, the process prints how to resume and exits 143. Resumed for 3 more steps (dpo_iters may
+    change on resume: the learning rate is constant after warm-up), it logs the same per-step losses
+    as a run that was never stopped."""
+    args = [f"--init_from={tiny_run[0]}/ref.pt", *FAST, "--dpo_lr=1e-3", "--eval_interval=1000", f"--data={small_file}"]
+    p = subprocess.Popen([sys.executable, "train.py", *TINY, *args, "--dpo_iters=1000", f"--out_dir={tmp_path / 'b'}"],
+                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    for _ in range(1200):  # until a few DPO steps are logged
+        if metrics.exists() and sum(1 for line in open(metrics) if '"dpo"' in line) >= 3:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 143, out[-2000:]
+    stopped = int(re.search(r"stopped by SIGTERM at dpo step (\d+), checkpoint written", out).group(1))
+    assert 3 <= stopped < 1000 and f"--init_from=resume --out_dir={tmp_path / 'b'}" in out
+    train.main(["--init_from=resume", f"--out_dir={tmp_path / 'b'}", f"--dpo_iters={stopped + 3}"])
+    run_train(tmp_path / "a", *args, f"--dpo_iters={stopped + 3}")
+    la, lb = ([r["loss"] for r in read_metrics(tmp_path / d) if r["stage"] == "dpo"] for d in "ab")
+    assert len(la) == stopped + 3 and lb[:stopped] + lb[-3:] == la
+
+
+def test_tokenizer_file_is_read_each_time(tmp_path):
+    """A .tiktoken file is 'base64(token) rank' per line: 256 byte tokens + 1 merge -> 257 ranks,
+    eot 257, 258 ids. Rewritten at the same path with 2 merges: 259 ids (no stale cache). An empty
+    file and a bad line are refused naming the file (and the line)."""
+    path = tmp_path / "toy.tiktoken"
+    write = lambda toks: path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(toks)))
+    byte_tokens = [bytes([i]) for i in range(256)]
+    write(byte_tokens + [b"th"])
+    assert data.get_tokenizer(str(path)).n_vocab == 258
+    write(byte_tokens + [b"th", b"the"])
+    assert data.get_tokenizer(str(path)).n_vocab == 259
+    path.write_text("")
+    with pytest.raises(ValueError, match="toy.tiktoken: empty .tiktoken file"):
+        data.get_tokenizer(str(path))
+    path.write_text("YQ== 0\nnot-base64! 1\n")
+    with pytest.raises(ValueError, match="toy.tiktoken: line 2: expected 'base64-token rank'"):
+        data.get_tokenizer(str(path))
+
+
+def bad_inputs(tmp_path, tiny_run):
+    """The table of bad inputs: (arguments, the one line expected). Files are made here."""
+    t = tmp_path
+    corrupt = gzip.compress(b'{"prompt": "a", "chosen": " b", "rejected": " c"}\n' * 500)
+    (t / "corrupt.jsonl.gz").write_bytes(corrupt[:40] + bytes(64) + corrupt[104:])
+    one = {"prompt": "Q", "chosen": " yes", "rejected": " no"}
+    (t / "one.jsonl").write_text(json.dumps(one) + "\n")
+    (t / "few.jsonl").write_text("".join(json.dumps(dict(one, prompt=f"Q{i}")) + "\n" for i in range(10)))
+    good = (t / "few.jsonl").as_posix()
+    (t / "long.jsonl").write_text("".join(json.dumps(dict(one, prompt=f"A long question, number {i}")) + "\n" for i in range(40)))
+    ref = open(f"{tiny_run[0]}/ref.pt", "rb").read()
+    (t / "short.pt").write_bytes(ref[:len(ref) // 2])
+    torch.save(torch.zeros(3), t / "tensor.pt")
+    torch.save({"model": {}, "x": Payload()}, t / "evil.pt")
+    (t / "hf").mkdir()
+    write_config(t / "hf", tiny_model(vocab_size=257).config)
+    (t / "hf" / "pytorch_model.bin").write_bytes(b"\x00garbage")
+    (t / "afile").write_text("x")
+    (t / "empty.tiktoken").write_text("")
+    return [
+        ([f"--data={t}/corrupt.jsonl.gz"], r"corrupt.jsonl.gz: cannot read as UTF-8 text \((BadGzipFile|error|EOFError)"),
+        ([f"--data={t}/one.jsonl"], r"one.jsonl: its 1 pairs share one prompt"),
+        ([f"--data={good}", "--batch_size=32"], r"few.jsonl: 9 training and 1 held-out pairs fit block_size 160: too few"),
+        ([f"--data={good}"], r"few.jsonl: 9 SFT sequences fit block_size 160: too few for one batch of --sft_batch_size=16"),
+        ([f"--data={t}/long.jsonl", "--block_size=8", "--max_new_tokens=4"], r"0 training and 0 held-out pairs fit block_size 8"),
+        ([f"--init_from={t}/short.pt"], r"short.pt: not a checkpoint of this project \(unreadable"),
+        ([f"--init_from={t}/tensor.pt"], r"tensor.pt: not a checkpoint of this project \(no weights"),
+        ([f"--init_from={t}/evil.pt"], r"evil.pt: not a checkpoint of this project"),
+        ([f"--init_from={t}/hf"], r"pytorch_model.bin: not a readable PyTorch weights file"),
+        ([f"--init_from={t}/missing.pt"], r"missing.pt: no such checkpoint"),
+        (["--out_dir=" + str(t / "afile")], r"--out_dir=.*afile is a file, not a folder"),
+        (["--out_dir=" + str(t / "afile" / "sub")], r"--out_dir=.*afile/sub: cannot write there"),
+        (["--out_dir="], r"bad value for --out_dir: '' \(must be a folder\)"),
+        (["--n_head=3"], r"bad value for --n_head: 3 \(must be a divisor of --n_embd\)"),
+        (["--n_embd=0"], r"bad value for --n_embd: 0 \(must be > 0\)"),
+        (["--threads=-1"], r"bad value for --threads: -1 \(must be >= 0\)"),
+        (["--device=cuda"], r"--device=cuda: not available on this machine"),
+        (["--device=banana"], r"bad value for --device: 'banana'"),
+        ([f"--tokenizer={t}/empty.tiktoken"], r"empty.tiktoken: empty .tiktoken file"),
+        (["--judge=no_colon"], r"bad value for --judge: 'no_colon'"),
+        (["--dpo_iters=ten"], r"bad value for --dpo_iters: 'ten' is not a int"),
+    ]
+
+
+def test_bad_inputs_stop_with_one_line(tiny_run, tmp_path, capsys):
+    """Each bad input of the table stops with a one-line message naming the file or setting, never a
+    traceback, and never suggests unpickling (weights_only=False)."""
+    for i, (args, message) in enumerate(bad_inputs(tmp_path, tiny_run)):
+        out = [a for a in args if a.startswith("--out_dir=")] or [f"--out_dir={tmp_path / f'run{i}'}"]
+        with pytest.raises(SystemExit) as e:
+            train.main(TINY + [a for a in args if not a.startswith("--out_dir=")] + out)
+        msg = str(e.value.code)
+        assert re.search(message, msg) and "\n" not in msg and "weights_only" not in msg, (args, msg)

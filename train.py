@@ -16,6 +16,7 @@ DPO from nothing, in one script. The recipe, in the order `main` runs it:
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -29,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data as D
 import ppo as P
 from dpo import LOSS_TYPES, check_loss_args, concatenated_logps, dpo_loss, response_logps
-from model import GPT, GPTConfig, ScalarGPT
+from model import GPT, GPTConfig, ScalarGPT, load_checkpoint, load_model, save_checkpoint
 
 # ------------------------------------------------------------------------------------------------
 # every setting: (default, what it does). Override any of them as --key=value.
@@ -61,6 +62,8 @@ CONFIG = dict(
     optimizer=("adamw", "'adamw' or 'rmsprop' (the DPO paper's)"),
     weight_decay=(0.0, "AdamW weight decay on matrices"),
     grad_clip=(1.0, "clip the gradient norm to this (0: off)"),
+    diverge=(100.0, "stop a stage whose loss passes this many times max(its first loss, 1), or whose weights' "
+                    "norm more than doubles in one step (0: only non-finite values stop it)"),
     method=("dpo", "'dpo'; 'preferred_ft' (likelihood of the chosen only); RLHF: 'reward_model', then 'ppo'"),
     beta=(1.0, "strength of the KL anchor to the reference: small beta lets the policy move further"),
     loss_type=("sigmoid", f"one of {LOSS_TYPES}"),
@@ -102,8 +105,9 @@ CONFIG = dict(
     eval_only=(False, "only evaluate and sample init_from (a checkpoint), no training"),
     prompt=("", "with eval_only: also sample continuations of this prompt"),
     # system
-    out_dir=("out", "where ref.pt, ckpt.pt, config.json, metrics.jsonl and eval.json go"),
-    ckpt_interval=(50, "training steps between checkpoints (and one at the end)"),
+    out_dir=("out", "where ref.pt, sft.pt, ckpt.pt, config.json, metrics.jsonl and eval.json go"),
+    overwrite=(False, "start a new run in an out_dir that holds another run's files, deleting them"),
+    ckpt_interval=(50, "training steps (SFT, DPO, reward model, PPO) between checkpoints (and one at each stage's end)"),
     stop_at=(0, "stop after this training step, with a checkpoint (0: run to the end); continue with init_from=resume"),
     seed=(1337, "seeds data order, initialisation and sampling"),
     device=("auto", "'auto' (cuda, then mps, then cpu), or e.g. 'cpu', 'cuda:1'"),
@@ -111,19 +115,24 @@ CONFIG = dict(
     compile=(False, "torch.compile the policy"),
     threads=(0, "CPU threads for torch (0: torch's default)"),
 )
-POSITIVE = ("batch_size", "sft_batch_size", "grad_accum", "dpo_lr", "block_size", "max_new_tokens", "log_interval",
+POSITIVE = ("n_layer", "n_embd", "batch_size", "sft_batch_size", "grad_accum", "dpo_lr", "block_size", "max_new_tokens", "log_interval",
             "sft_log_interval", "eval_interval", "ckpt_interval", "eval_samples", "eval_pairs", "score_batch_size",
             "sample_batch_size", "online_redraws", "rm_iters", "rm_lr", "ppo_iters", "rollout_batch", "ppo_minibatch",
             "ppo_epochs", "ppo_lr", "clip_range_value", "kl_horizon")
 NON_NEGATIVE = ("sft_iters", "dpo_iters", "warmup_iters", "sft_warmup_iters", "sft_lr", "grad_clip", "stop_at",
-                "top_k", "temperature", "threads", "weight_decay", "kl_coef", "target_kl", "no_eos_penalty")
+                "top_k", "temperature", "threads", "weight_decay", "kl_coef", "target_kl", "no_eos_penalty", "diverge")
+# what a resumed run may change; every other setting must be the one the run was started with
+MAY_CHANGE = ("init_from", "dpo_iters", "rm_iters", "ppo_iters", "stop_at", "eval_interval", "ckpt_interval",
+              "log_interval", "sft_log_interval", "eval_pairs", "eval_samples", "show_samples", "score_batch_size",
+              "sample_batch_size", "device", "threads", "compile", "overwrite")
+RUN_FILES = ("ref.pt", "sft.pt", "ckpt.pt", "config.json", "metrics.jsonl", "eval.json")
 METHODS = ("dpo", "preferred_ft", "reward_model", "ppo")
 
 
 def parse_config(argv):
     """--key=value arguments -> the settings, as attributes (cfg.beta). Stops with a message that
     names the setting on anything it cannot use."""
-    cfg = {k: v for k, (v, _) in CONFIG.items()}
+    cfg, given = {k: v for k, (v, _) in CONFIG.items()}, set()
     if "--help" in argv or "-h" in argv:
         print(__doc__)
         for k, (v, h) in CONFIG.items():
@@ -136,6 +145,7 @@ def parse_config(argv):
         if key not in cfg:
             sys.exit(f"unknown setting {key!r}; valid settings: {', '.join(CONFIG)}")
         kind = type(cfg[key])
+        given.add(key)
         try:
             if kind is bool:
                 if val.lower() not in ("true", "false", "1", "0"):
@@ -145,6 +155,10 @@ def parse_config(argv):
                 cfg[key] = kind(val)
         except ValueError:
             sys.exit(f"bad value for --{key}: {val!r} is not a {kind.__name__}")
+    saved = os.path.join(cfg["out_dir"], "config.json")
+    if cfg["init_from"] == "resume" and os.path.isfile(saved):  # the run's own settings, but those given here
+        with open(saved) as f:
+            cfg.update({k: v for k, v in json.load(f).items() if k in CONFIG and k not in given and k not in ("init_from", "stop_at", "overwrite")})
     c = SimpleNamespace(**cfg)
     try:
         check_loss_args(c.beta, c.loss_type, c.label_smoothing)  # the loss's own checks, not a copy
@@ -155,6 +169,8 @@ def parse_config(argv):
               ("lam", 0 <= c.lam <= 1, "in [0, 1]"), ("clip_range", 0 < c.clip_range < 1, "in (0, 1)"),
               ("ppo_minibatch", c.rollout_batch % c.ppo_minibatch == 0, "a divisor of --rollout_batch"),
               ("dtype", c.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
+              ("n_head", c.n_head > 0 and c.n_embd % c.n_head == 0, "a divisor of --n_embd"),
+              ("out_dir", c.out_dir != "", "a folder"),
               ("val_fraction", 0 < c.val_fraction < 1, "in (0, 1)"), ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
               ("judge", c.judge == "" or ":" in c.judge or c.judge.endswith(".pt"), "module:function or a .pt"),
               ("reward_model", c.reward_model == "" or c.method == "ppo", "empty unless --method=ppo")]
@@ -203,6 +219,7 @@ def setup(cfg):
         rank, world, device = 0, 1, cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        check_device(device)
     if ddp and cfg.method in ("reward_model", "ppo"):
         sys.exit(f"--method={cfg.method} runs in one process; torchrun (DDP) is supported for dpo and preferred_ft")
     if cfg.grad_accum % world:
@@ -215,16 +232,16 @@ def setup(cfg):
         dtype = "bfloat16" if (torch.cuda.is_bf16_supported() if dev_type == "cuda" else
                                dev_type == "cpu" and cpu_has_bf16()) else "float32"
     torch.manual_seed(cfg.seed + rank)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     master = rank == 0
+    prepare_out_dir(cfg, master, ddp)
     print0(json.dumps(dict(vars(cfg), resolved_device=device, resolved_dtype=dtype, world_size=world), indent=1))
-    if master and not cfg.eval_only:
+    if master and cfg.init_from != "resume" and not cfg.eval_only:  # a resumed run keeps its own (checked later)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(vars(cfg), f, indent=1)
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master and not cfg.eval_only else None
 
     def log(record):  # one JSON line per log, evaluation and final record, written by rank 0
-        if master:
+        if metrics:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
 
@@ -233,12 +250,81 @@ def setup(cfg):
                            ctx=ctx, accum=cfg.grad_accum // world, log=log, t_start=time.time())
 
 
+def check_device(device):
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        sys.exit(f"bad value for --device: {device!r} ({str(e).splitlines()[0]})")
+    count = dict(cuda=torch.cuda.device_count(), mps=int(torch.backends.mps.is_available())).get(dev.type, 1)
+    if count == 0 or (dev.index or 0) >= count:
+        sys.exit(f"--device={device}: not available on this machine ({count} {dev.type} devices); try --device=cpu")
+
+
+def prepare_out_dir(cfg, master, ddp):
+    """out_dir exists and can be written, and holds one run: a new run stops rather than write over
+    another run's files unless --overwrite=True (which deletes them); a resumed run needs them."""
+    d = cfg.out_dir
+    if os.path.exists(d) and not os.path.isdir(d):
+        sys.exit(f"--out_dir={d} is a file, not a folder")
+    try:
+        os.makedirs(d, exist_ok=True)
+        probe = os.path.join(d, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        sys.exit(f"--out_dir={d}: cannot write there ({e.strerror or e})")
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(d, f))]
+    if cfg.eval_only:
+        return
+    if cfg.init_from == "resume":
+        if "ref.pt" not in found and "sft.pt" not in found:
+            sys.exit(f"--init_from=resume: {d} holds no run to continue (no ref.pt or sft.pt)")
+        return
+    if found and not cfg.overwrite:
+        sys.exit(f"{d} holds another run's files ({', '.join(found)}): add --overwrite=True to replace them, "
+                 f"--init_from=resume to continue that run, or choose another --out_dir")
+    if found and os.path.abspath(os.path.dirname(cfg.init_from) or ".") == os.path.abspath(d):
+        sys.exit(f"--init_from={cfg.init_from} lies in the out_dir that --overwrite=True would clear; copy it elsewhere")
+    if ddp:
+        dist.barrier()  # every rank has looked before rank 0 deletes
+    if master:
+        for f in found:
+            os.remove(os.path.join(d, f))
+
+
 def or_exit(fn, *args, **kw):
     """Bad input (a file, a field, a tokenizer, a checkpoint) stops with its message, not a traceback."""
     try:
         return fn(*args, **kw)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+
+
+STOP = []  # signals received; the training loops check it after every step
+
+
+def on_signal(signum, frame):
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's): finish the step, checkpoint, exit. Twice: at once."""
+    if STOP:
+        raise KeyboardInterrupt
+    STOP.append(signum)
+    print0(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint and exit (again: stop at once)")
+
+
+def stop_requested(run):
+    """Has a signal asked the run to stop? Under DDP a signal to any rank stops every rank at one step."""
+    if not run.ddp:
+        return bool(STOP)
+    flag = torch.tensor([float(bool(STOP))], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def exit_for_signal(cfg, stage, step):
+    signum = STOP[0] if STOP else signal.SIGTERM
+    print0(f"stopped by {signal.Signals(signum).name} at {stage} step {step}, checkpoint written. "
+           f"Continue with: python train.py --init_from=resume --out_dir={cfg.out_dir}")
+    sys.exit(128 + signum)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,19 +337,23 @@ def load_data(cfg, run):
     if cfg.data == D.TASK_NAME:
         task = D.make_task(seed=cfg.seed)
         train_pairs, val_pairs, eval_prompts, sft_texts = task["train"], task["val"], task["eval_prompts"], task["sft"]
-        judge, judge_name = reward_judge(task["reward"]), "reviews.reward"
+        judge, judge_name = D.pair_judge(task["reward"]), "reviews.reward"
     else:
         pairs = or_exit(D.load_pairs, cfg.data, verbose=run.master)
         train_pairs, val_pairs = D.split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
+        if not val_pairs:
+            sys.exit(f"{cfg.data}: its {len(pairs)} pairs share one prompt; a held-out split needs two prompts or more")
         sft_texts = [(p["prompt"], p["chosen"]) for p in train_pairs]  # SFT on the preferred responses
         eval_prompts = sorted({p["prompt"] for p in val_pairs})
     if cfg.judge:
-        judge = reward_model_judge(cfg.judge, enc, run) if cfg.judge.endswith(".pt") else load_judge(cfg.judge)
+        judge = reward_model_judge(cfg.judge, enc, run) if cfg.judge.endswith(".pt") else or_exit(D.load_judge, cfg.judge)
         judge_name = cfg.judge
     if cfg.online and judge is None:
         sys.exit("--online=True needs a judge: use the reviews task or pass --judge=module:function")
     eval_prompts = (eval_prompts * math.ceil(cfg.eval_samples / max(1, len(eval_prompts))))[:cfg.eval_samples]
-    return SimpleNamespace(enc=enc, eot=enc.eot_token, train_pairs=train_pairs, val_pairs=val_pairs,
+    # what a resumed run must find unchanged: the bytes of the data and tokenizer files
+    inputs = {k: D.file_digest(v) if os.path.isfile(v) else v for k, v in (("data", cfg.data), ("tokenizer", cfg.tokenizer))}
+    return SimpleNamespace(enc=enc, eot=enc.eot_token, train_pairs=train_pairs, val_pairs=val_pairs, inputs=inputs,
                            sft_texts=sft_texts, eval_prompts=eval_prompts, judge=judge, judge_name=judge_name, task=task)
 
 
@@ -272,6 +362,9 @@ def tokenize(cfg, run, data, block):
     which keep their end and leave room for max_new_tokens."""
     tok = lambda pairs: D.tokenize_pairs(pairs, data.enc, block, cfg.min_prompt_tokens, verbose=run.master)
     data.train, data.val = tok(data.train_pairs), tok(data.val_pairs)[:cfg.eval_pairs]
+    if len(data.train) < cfg.batch_size * run.world or not data.val:
+        sys.exit(f"{cfg.data}: {len(data.train)} training and {len(data.val)} held-out pairs fit block_size {block}: "
+                 f"too few for one batch of --batch_size={cfg.batch_size} x {run.world} processes and one held-out pair")
     data.room = block - cfg.max_new_tokens
     data.eval_ids = [prompt_ids(data.enc, p, data.room) for p in data.eval_prompts]
 
@@ -284,18 +377,6 @@ def prompt_ids(enc, prompt, room):
 def text(data, resp):
     """A sampled response as text, without its end-of-text token."""
     return data.enc.decode(resp[:-1] if resp and resp[-1] == data.eot else resp)
-
-
-def load_judge(spec):
-    """'module:function' -> the callable, with errors that name the spec."""
-    mod_name, _, fn_name = spec.partition(":")
-    try:
-        fn = getattr(__import__(mod_name, fromlist=[fn_name]), fn_name)
-    except (ImportError, AttributeError) as e:
-        sys.exit(f"--judge={spec}: cannot load it ({e})")
-    if not callable(fn):
-        sys.exit(f"--judge={spec}: {fn_name} is not callable")
-    return fn
 
 
 def call_judge(data, prompt, a, b):
@@ -325,44 +406,16 @@ def reward_model_judge(path, enc, run):
     return judge
 
 
-def reward_judge(reward):
-    def judge(prompt, a, b):
-        ra, rb = reward(prompt, a), reward(prompt, b)
-        return None if ra == rb else (0 if ra > rb else 1)
-    return judge
-
-
 # ------------------------------------------------------------------------------------------------
 # 3. the model, checkpoints, optimizer and schedule
 
-def load_model(path, device, dropout=0.0, kind="GPT"):
-    """A model from a checkpoint .pt of this project (a GPT policy, or with kind='ScalarGPT' a
-    reward model) or a Hugging Face GPT-2 folder."""
-    if os.path.isdir(path) and kind == "GPT":
-        return GPT.from_pretrained(path, dropout=dropout).to(device)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:  # weights_only: tensors and plain containers, never code
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        found = ck.get("kind", "GPT")
-        if found == kind:
-            model = (ScalarGPT if kind == "ScalarGPT" else GPT)(GPTConfig(**{**ck["model_args"], "dropout": dropout}))
-            model.load_state_dict(ck["model"])
-    except Exception as e:
-        raise ValueError(f"{path}: not a checkpoint of this project ({type(e).__name__})") from None
-    if found != kind:
-        names = dict(GPT="a language model (policy)", ScalarGPT="a reward model")
-        raise ValueError(f"{path}: holds {names.get(found, found)}, where {names[kind]} is needed")
-    return model.to(device)
-
-
-def build_policy(cfg, run, enc):
-    """The model DPO starts from (and SFT trains first): new, loaded, or resumed from out_dir/ref.pt."""
-    if cfg.init_from == "scratch":
+def build_policy(cfg, run, enc, resumed):
+    """The model DPO starts from (and SFT trains first): new, loaded, or the resumed run's own."""
+    if cfg.init_from == "scratch" and resumed is None:
         model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
-    else:
-        path = os.path.join(cfg.out_dir, "ref.pt") if cfg.init_from == "resume" else cfg.init_from
+    else:  # resumed: the reference once SFT is done; during SFT sft.pt, whose weights sft() restores
+        path = cfg.init_from if resumed is None else os.path.join(cfg.out_dir, "sft.pt" if resumed["stage"] == "sft" else "ref.pt")
         model = or_exit(load_model, path, "cpu", cfg.dropout)
     if model.config.vocab_size != enc.n_vocab:
         sys.exit(f"the model's vocabulary ({model.config.vocab_size}) does not match tokenizer {cfg.tokenizer!r} "
@@ -374,14 +427,56 @@ def build_policy(cfg, run, enc):
     return model.to(run.device)
 
 
-def save_atomic(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-write leaves the last good file untouched
+def save_state(cfg, run, data, stage, model, optimizer, step, data_state, **extra):
+    """ckpt.pt (sft.pt during SFT): weights, optimizer, step, data position and RNG, everything a run
+    needs to continue, and what it must continue with: settings, input files, processes, reference."""
+    path = os.path.join(cfg.out_dir, "sft.pt" if stage == "sft" else "ckpt.pt")
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if run.dev_type == "cuda" else [])
+    or_exit(save_checkpoint, path, model, stage=stage, optimizer=optimizer.state_dict(), step=step, data=data_state,
+            rng=rng, config=dict(vars(cfg)), inputs=data.inputs, world=run.world, reference=run.ref_sha256, **extra)
+    return f"{path} ({stage} step {step})"
 
 
-def checkpoint(cfg, model, **extra):
-    return dict(model=model.state_dict(), model_args=asdict(model.config), kind=type(model).__name__,
-                config=dict(vars(cfg)), **extra)
+def resume_point(cfg, run, data):
+    """--init_from=resume: the run's latest checkpoint (ckpt.pt, else sft.pt, else ref.pt: stopped
+    before its first DPO checkpoint), once it is shown to be this run. Stops naming everything that
+    differs: settings (but MAY_CHANGE), input files, processes, reference. -> (checkpoint or None,
+    the reference's checksum or None)."""
+    if cfg.init_from != "resume":
+        return None, None
+    path = next(os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "sft.pt", "ref.pt")
+                if os.path.isfile(os.path.join(cfg.out_dir, f)))
+    ck = or_exit(load_checkpoint, path)
+    ck.setdefault("stage", "ref")
+    saved, ref_path = ck.get("config", {}), os.path.join(cfg.out_dir, "ref.pt")
+    ref_sha = ck["sha256"] if path == ref_path else or_exit(load_checkpoint, ref_path)["sha256"] if ck.get("reference") else None
+    diff = [f"--{k}={getattr(cfg, k)!r} (the run has {saved.get(k)!r})" for k in CONFIG
+            if k not in MAY_CHANGE and saved.get(k) != getattr(cfg, k)]
+    diff += [f"the {k} file's content" for k, v in data.inputs.items() if ck.get("inputs", {}).get(k) != v]
+    diff += [f"{run.world} processes (the run has {ck['world']})"] if ck.get("world", run.world) != run.world else []
+    diff += [f"{ref_path}, not the reference the run trained against"] if ck.get("reference") not in (None, ref_sha) else []
+    if diff:
+        sys.exit(f"--init_from=resume: {path} is another run; what differs: {'; '.join(diff)}. "
+                 f"May change on resume: {', '.join(MAY_CHANGE)}")
+    iters = dict(dpo=cfg.dpo_iters, rm=cfg.rm_iters, ppo=cfg.ppo_iters, sft=cfg.sft_iters).get(ck["stage"])
+    if iters is not None and ck["step"] > iters:
+        sys.exit(f"--init_from=resume: {path} is at {ck['stage']} step {ck['step']}, past the {iters} asked for: "
+                 f"pass a larger --{dict(rm='rm', sft='sft').get(ck['stage'], ck['stage'])}_iters")
+    if run.master:  # the settings the run now continues with
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(vars(cfg), f, indent=1)
+    print0(f"resuming from {path} ({ck['stage']} step {ck.get('step', 0)})")
+    return ck, ref_sha
+
+
+def restore_state(model, optimizer, ck):
+    """The inverse of save_state: loads weights, optimizer and RNG. -> (step, data state)."""
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng"]["torch"])  # dropout masks (rank 0's state; exact when dropout=0)
+    if ck["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    return ck["step"], ck["data"]
 
 
 def make_optimizer(cfg, model, lr):
@@ -413,17 +508,70 @@ def clip_and_step(params, optimizer, grad_clip):
     return gnorm
 
 
+class Guard:
+    """The divergence rule of one training stage. Before a step is taken, its loss must be finite and
+    at most `diverge` x max(the stage's first loss, 1); the step is taken only if its gradient norm is
+    finite; after it, the weights must be finite and their norm at most double what it was (a step
+    that big means a learning rate far too high). Otherwise the run stops before anything of the
+    step is saved, naming the last checkpoint written: written from weights that passed these checks."""
+
+    def __init__(self, cfg, run, stage, models, last_ckpt):
+        self.diverge, self.run, self.stage, self.models, self.last_ckpt = cfg.diverge, run, stage, models, last_ckpt
+        self.first_loss, self.norm = None, self.weight_norm()
+
+    def weight_norm(self):
+        return torch.stack([p.detach().float().norm() for m in self.models for p in m.parameters()]).norm().item()
+
+    def before_step(self, step, loss):
+        """`loss`: the step's loss tensor (averaged over processes here, so that every rank agrees)."""
+        if self.run.ddp:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= self.run.world
+        loss = loss.item()
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        if not math.isfinite(loss):
+            self.stop(step, "non-finite loss")
+        if self.diverge and loss > self.diverge * max(self.first_loss, 1.0):
+            self.stop(step, f"loss {loss:.4g} is over --diverge={self.diverge:g} x max(first loss {self.first_loss:.4g}, 1)")
+
+    def after_step(self, step, *gnorms):
+        """`gnorms`: the step's gradient norms from clip_and_step (which takes no non-finite step)."""
+        if not all(torch.isfinite(g) for g in gnorms):
+            self.stop(step, f"non-finite gradient norm {[g.item() for g in gnorms]}")
+        norm = self.weight_norm()
+        if not math.isfinite(norm):
+            self.stop(step, "non-finite weights")
+        if self.diverge and norm > 2 * self.norm:
+            self.stop(step, f"the weights' norm went from {self.norm:.4g} to {norm:.4g} in one step")
+        self.norm = norm
+
+    def stop(self, step, why):
+        sys.exit(f"{self.stage} step {step}: {why}; stopped without saving it (lower the learning rate?). "
+                 f"The last good checkpoint is {self.last_ckpt}")
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. SFT: the reference, by maximum likelihood on responses given their prompts
 
-def sft(cfg, run, policy, data, block):
-    """Train `policy` in place on the SFT corpus: mean negative log-likelihood per response token."""
-    seqs = D.tokenize_sft(data.sft_texts, data.enc, block, cfg.min_prompt_tokens, verbose=run.master)
+def sft(cfg, run, policy, data, resumed):
+    """Train `policy` in place on the SFT corpus: mean negative log-likelihood per response token.
+    Checkpoints go to sft.pt; `resumed` (sft.pt's content) continues exactly where it stopped."""
+    seqs = D.tokenize_sft(data.sft_texts, data.enc, policy.config.block_size, cfg.min_prompt_tokens, verbose=run.master)
+    if len(seqs) < cfg.sft_batch_size * run.world:
+        sys.exit(f"{cfg.data}: {len(seqs)} SFT sequences fit block_size {policy.config.block_size}: too few for one "
+                 f"batch of --sft_batch_size={cfg.sft_batch_size} x {run.world} processes")
     loader = D.Batches(seqs, cfg.sft_batch_size, cfg.seed, run.rank, run.world)
     model = DDP(policy) if run.ddp else policy
     optimizer = make_optimizer(cfg, policy, cfg.sft_lr)
+    step, last = 0, "none: SFT starts again from its beginning"
+    if resumed is not None:
+        step, state = restore_state(policy, optimizer, resumed)
+        loader.load_state_dict(state["sft"])
+        last = f"{cfg.out_dir}/sft.pt (sft step {step})"
+    guard = Guard(cfg, run, "sft", [policy], last)
     policy.train()
-    for step in range(cfg.sft_iters):
+    while step < cfg.sft_iters:
         lr = lr_at(step, cfg.sft_lr, cfg.sft_warmup_iters, cfg.sft_iters, cosine=True)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -432,11 +580,18 @@ def sft(cfg, run, policy, data, block):
             logps, n = response_logps(model, ids, mask)
             loss = -logps.sum() / n.sum()
         loss.backward()
-        if not torch.isfinite(clip_and_step(policy.parameters(), optimizer, cfg.grad_clip)):
-            sys.exit(f"non-finite gradient norm at SFT step {step + 1} (loss {loss.item()}); lower --sft_lr")
-        if step % cfg.sft_log_interval == 0 or step == cfg.sft_iters - 1:
-            print0(f"sft {step + 1}/{cfg.sft_iters} | nll/token {loss.item():.4f} | lr {lr:.2e} | {time.time() - run.t_start:.0f}s")
-            run.log(dict(stage="sft", step=step + 1, nll=loss.item(), lr=lr, elapsed=time.time() - run.t_start))
+        guard.before_step(step + 1, loss)
+        guard.after_step(step + 1, clip_and_step(policy.parameters(), optimizer, cfg.grad_clip))
+        step += 1
+        if (step - 1) % cfg.sft_log_interval == 0 or step == cfg.sft_iters:
+            print0(f"sft {step}/{cfg.sft_iters} | nll/token {loss.item():.4f} | lr {lr:.2e} | {time.time() - run.t_start:.0f}s")
+            run.log(dict(stage="sft", step=step, nll=loss.item(), lr=lr, elapsed=time.time() - run.t_start))
+        stop = stop_requested(run)
+        if (step % cfg.ckpt_interval == 0 and step < cfg.sft_iters) or stop:  # at the end, ref.pt instead
+            if run.master:
+                guard.last_ckpt = save_state(cfg, run, data, "sft", policy, optimizer, step, dict(sft=loader.state_dict()))
+            if stop:
+                exit_for_signal(cfg, "sft", step)
 
 
 def load_reference(cfg, run, path):
@@ -582,31 +737,11 @@ def dpo_step(cfg, run, data, wrapped, model, reference, src, step):
     return stats, pairs, tokens
 
 
-def save_state(cfg, run, model, optimizer, step, data_state, **extra):
-    """ckpt.pt: weights, optimizer, step, data position and RNG: everything a run needs to continue."""
-    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if run.dev_type == "cuda" else [])
-    save_atomic(checkpoint(cfg, model, optimizer=optimizer.state_dict(), step=step, data=data_state, rng=rng, **extra),
-                os.path.join(cfg.out_dir, "ckpt.pt"))
-
-
-def restore_state(cfg, model, optimizer):
-    """The inverse of save_state: loads weights, optimizer and RNG. -> (step, data state, checkpoint)."""
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
-    torch.set_rng_state(ck["rng"]["torch"])  # dropout masks (rank 0's state; exact when dropout=0)
-    if ck["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-    print0(f"resumed from {path} at step {ck['step']}")
-    return ck["step"], ck["data"], ck
-
-
-def dpo(cfg, run, data, model, reference, train_ref, val_ref):
+def dpo(cfg, run, data, model, reference, train_ref, val_ref, resumed):
     """The DPO loop: batches (offline, or sampled and judged online), the loss against the
-    reference (live, or precomputed in `train_ref`), held-out evaluations and checkpoints.
-    `model` is the policy, or RLHF's reward model (a ScalarGPT), which trains in the same loop.
-    -> the last step taken."""
+    reference (live, or precomputed in `train_ref`), held-out evaluations and checkpoints; it
+    continues from `resumed` (ckpt.pt's content) if given. `model` is the policy, or RLHF's reward
+    model (a ScalarGPT), which trains in the same loop. -> the last step taken."""
     rm = cfg.method == "reward_model"
     stage, iters, peak_lr = ("rm", cfg.rm_iters, cfg.rm_lr) if rm else ("dpo", cfg.dpo_iters, cfg.dpo_lr)
     model.train()
@@ -616,13 +751,15 @@ def dpo(cfg, run, data, model, reference, train_ref, val_ref):
     if cfg.online:  # prompts keep their end and leave room to sample
         prompts = sorted({tuple(p[-data.room:]) for p, _, _ in data.train})
         src.prompts = D.Batches(prompts, cfg.batch_size, cfg.seed, run.rank, run.world)
-    step = 0
-    if cfg.init_from == "resume":
-        step, state, _ = restore_state(cfg, model, optimizer)
+    step, last = 0, f"{cfg.out_dir}/ref.pt (the SFT model this stage starts from)"
+    if resumed is not None:
+        step, state = restore_state(model, optimizer, resumed)
         src.pairs.load_state_dict(state["pairs"])
         if cfg.online:
             src.prompts.load_state_dict(state["prompts"])
             src.online = state["online_stats"]
+        last = f"{cfg.out_dir}/ckpt.pt ({stage} step {step})"
+    guard = Guard(cfg, run, stage, [model], last)
     wrapped = DDP(model) if run.ddp else model  # what the forward passes go through
     wrapped = torch.compile(wrapped) if cfg.compile else wrapped
     last_step = min(iters, cfg.stop_at or iters)
@@ -633,11 +770,9 @@ def dpo(cfg, run, data, model, reference, train_ref, val_ref):
             g["lr"] = lr
         stats, pairs, tokens = dpo_step(cfg, run, data, wrapped, model, reference, src, step)
         pairs_seen, tokens_seen = pairs_seen + pairs, tokens_seen + tokens
-        # gradients are identical on every rank after the all-reduce, so every rank stops together
+        guard.before_step(step + 1, stats[0])
         gnorm = clip_and_step(model.parameters(), optimizer, cfg.grad_clip)
-        if not torch.isfinite(gnorm):
-            what = "loss" if not torch.isfinite(stats[0]) else "gradient norm"
-            sys.exit(f"non-finite {what} at {stage} step {step + 1}; stopped, the last good checkpoint is {cfg.out_dir}/ckpt.pt")
+        guard.after_step(step + 1, gnorm)  # gradients and weights are the same on every rank after the all-reduce
         step += 1
         if step % cfg.log_interval == 0 or step == last_step:
             s, dt = stats.tolist(), time.time() - t_log
@@ -660,11 +795,14 @@ def dpo(cfg, run, data, model, reference, train_ref, val_ref):
         t_aside = time.time()  # evaluation and checkpoints do not count against the training rate
         if run.master and (step % cfg.eval_interval == 0 or step == last_step):
             held_out_eval(cfg, run, data, model, val_ref, step)
-        if run.master and (step % cfg.ckpt_interval == 0 or step == last_step):
+        stop = stop_requested(run)
+        if run.master and (step % cfg.ckpt_interval == 0 or step == last_step or stop):
             state = dict(pairs=src.pairs.state_dict())
             if cfg.online:
                 state.update(prompts=src.prompts.state_dict(), online_stats=dict(src.online))
-            save_state(cfg, run, model, optimizer, step, state)
+            guard.last_ckpt = save_state(cfg, run, data, stage, model, optimizer, step, state)
+        if stop:
+            exit_for_signal(cfg, stage, step)
         t_log += time.time() - t_aside
         t_loop += time.time() - t_aside
     return step
@@ -672,15 +810,6 @@ def dpo(cfg, run, data, model, reference, train_ref, val_ref):
 
 # ------------------------------------------------------------------------------------------------
 # 5b. RLHF: PPO against a reward (the task's exact one, or a reward model), with a per-token KL penalty
-
-def scalar_copy(model, device):
-    """A ScalarGPT with `model`'s weights: from a GPT with a new zero score head (a reward or value
-    model to train), from a ScalarGPT with its head (PPO-RM's value model starts as the reward model)."""
-    out = ScalarGPT(model.config)
-    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("score_head.") for k in missing)
-    return out.to(device)
-
 
 @torch.no_grad()
 def rollout(cfg, run, data, policy, reference, value, scorer, prompts, seed, kl_coef):
@@ -713,9 +842,9 @@ def rollout(cfg, run, data, policy, reference, value, scorer, prompts, seed, kl_
                            truncated=truncated.float(), sample_s=t1 - t0, score_s=time.time() - t1)
 
 
-def ppo_update(cfg, run, policy, value, optimizers, ep, generator):
+def ppo_update(cfg, run, policy, value, optimizers, ep, generator, guard, step):
     """ppo_epochs passes over the rollout in shuffled minibatches: one clipped policy step and one
-    clipped value step each. -> the mean of each statistic over all minibatch steps."""
+    clipped value step each, each checked by `guard`. -> the mean of each statistic over all of them."""
     stats = []
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(len(ep.ids), generator=generator).split(cfg.ppo_minibatch):
@@ -730,8 +859,7 @@ def ppo_update(cfg, run, policy, value, optimizers, ep, generator):
             v_loss, vs = P.value_loss(v.float(), ep.values[mb], ep.returns[mb], rmask, cfg.clip_range_value)
             v_loss.backward()
             norms = [clip_and_step(m.parameters(), opt, cfg.grad_clip) for m, opt in zip((policy, value), optimizers)]
-            if not all(torch.isfinite(g) for g in norms):
-                sys.exit(f"non-finite PPO gradient norm {[g.item() for g in norms]}; lower --ppo_lr")
+            guard.after_step(step, *norms)
             stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), pg["clip_fraction"], pg["approx_kl"],
                                       P.masked_mean(entropy.detach(), rmask), vs["value_clip_fraction"], *norms]))
     names = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy", "value_clip_fraction",
@@ -739,12 +867,12 @@ def ppo_update(cfg, run, policy, value, optimizers, ep, generator):
     return dict(zip(names, torch.stack(stats).mean(0).tolist()))
 
 
-def ppo(cfg, run, data, policy, reference, val_ref):
+def ppo(cfg, run, data, policy, reference, val_ref, resumed):
     """RLHF step 3: each iteration samples a rollout from the policy, scores it (rollout), and takes
     ppo_epochs passes of clipped updates (ppo_update); evaluations and checkpoints as in dpo().
     The value model is a separate ScalarGPT, initialised from the reward model (PPO-RM) or from the
     SFT reference with a zero head (PPO-GT): the policy stays a plain GPT, and the value loss never
-    pulls on the policy's features. -> the last step taken."""
+    pulls on the policy's features. Continues from `resumed` (ckpt.pt's content). -> the last step taken."""
     scorer = or_exit(load_model, cfg.reward_model, run.device, kind="ScalarGPT").eval() if cfg.reward_model else None
     if scorer is None and data.task is None:
         sys.exit("--method=ppo on a preference file needs --reward_model=<a --method=reward_model run's ckpt.pt>")
@@ -752,20 +880,22 @@ def ppo(cfg, run, data, policy, reference, val_ref):
             (policy.config.vocab_size, policy.config.block_size):
         sys.exit(f"--reward_model={cfg.reward_model}: vocabulary and block size {scorer.config.vocab_size}, "
                  f"{scorer.config.block_size} do not match the policy's {policy.config.vocab_size}, {policy.config.block_size}")
-    value = scalar_copy(scorer if scorer is not None else policy, run.device)
+    value = ScalarGPT.from_model(scorer if scorer is not None else policy)
     # dropout stays off in both models: the ratio pi/pi_old must compare one function at two weights
     policy.eval(), value.eval()
     optimizers = [make_optimizer(cfg, m, cfg.ppo_lr) for m in (policy, value)]
     prompt_loader = or_exit(D.Batches, sorted({tuple(p[-data.room:]) for p, _, _ in data.train}), cfg.rollout_batch, cfg.seed)
     kl_ctl = P.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl else None
-    step = 0
-    if cfg.init_from == "resume":
-        step, state, ck = restore_state(cfg, policy, optimizers[0])
+    step, last = 0, f"{cfg.out_dir}/ref.pt (the SFT model this stage starts from)"
+    if resumed is not None:
+        step, state = restore_state(policy, optimizers[0], resumed)
         prompt_loader.load_state_dict(state["prompts"])
-        value.load_state_dict(ck["value"])
-        optimizers[1].load_state_dict(ck["value_optimizer"])
+        value.load_state_dict(resumed["value"])
+        optimizers[1].load_state_dict(resumed["value_optimizer"])
         if kl_ctl:
-            kl_ctl.load_state_dict(ck["kl_controller"])
+            kl_ctl.load_state_dict(resumed["kl_controller"])
+        last = f"{cfg.out_dir}/ckpt.pt (ppo step {step})"
+    guard = Guard(cfg, run, "ppo", [policy, value], last)
     last_step = min(cfg.ppo_iters, cfg.stop_at or cfg.ppo_iters)
     while step < last_step:
         lr = lr_at(step, cfg.ppo_lr, cfg.warmup_iters, cfg.ppo_iters, cosine=False)
@@ -775,7 +905,7 @@ def ppo(cfg, run, data, policy, reference, val_ref):
         prompts = [list(p) for p in prompt_loader.next()]
         ep = rollout(cfg, run, data, policy, reference, value, scorer, prompts, hash((cfg.seed, step)) % 2**31, kl_coef)
         t0 = time.time()
-        stats = ppo_update(cfg, run, policy, value, optimizers, ep, torch.Generator().manual_seed(cfg.seed + step))
+        stats = ppo_update(cfg, run, policy, value, optimizers, ep, torch.Generator().manual_seed(cfg.seed + step), guard, step + 1)
         step += 1
         rec = dict(stage="ppo", step=step, score=ep.scores.mean().item(), kl=ep.kl.mean().item(), kl_coef=kl_coef,
                    **stats, response_length=ep.lengths.mean().item(), truncated=ep.truncated.mean().item(),
@@ -792,9 +922,13 @@ def ppo(cfg, run, data, policy, reference, val_ref):
             run.log(rec)
         if step % cfg.eval_interval == 0 or step == last_step:
             held_out_eval(cfg, run, data, policy, val_ref, step)
-        if step % cfg.ckpt_interval == 0 or step == last_step:
-            save_state(cfg, run, policy, optimizers[0], step, dict(prompts=prompt_loader.state_dict()), value=value.state_dict(),
-                       value_optimizer=optimizers[1].state_dict(), kl_controller=kl_ctl.state_dict() if kl_ctl else None)
+        stop = stop_requested(run)
+        if step % cfg.ckpt_interval == 0 or step == last_step or stop:
+            guard.last_ckpt = save_state(cfg, run, data, "ppo", policy, optimizers[0], step, dict(prompts=prompt_loader.state_dict()),
+                                         value=value.state_dict(), value_optimizer=optimizers[1].state_dict(),
+                                         kl_controller=kl_ctl.state_dict() if kl_ctl else None)
+        if stop:
+            exit_for_signal(cfg, "ppo", step)
     return step
 
 
@@ -910,28 +1044,34 @@ def main(argv):
     cfg = parse_config(argv)
     run = setup(cfg)
     data = load_data(cfg, run)
-    policy = build_policy(cfg, run, data.enc)
+    resumed, run.ref_sha256 = resume_point(cfg, run, data)  # None, None for a new run
+    policy = build_policy(cfg, run, data.enc, resumed)
     tokenize(cfg, run, data, policy.config.block_size)
-    # the reference: trained here by SFT and saved, or a checkpoint's own; frozen, loaded once
+    # the reference: trained here by SFT (or the rest of it) and saved, or a checkpoint's own; frozen, loaded once
     ref_path = os.path.join(cfg.out_dir, "ref.pt")
     if cfg.eval_only:
         ref_path = os.path.join(os.path.dirname(os.path.abspath(cfg.init_from)), "ref.pt")
-    elif cfg.init_from != "resume":
+    elif resumed is None or resumed["stage"] == "sft":
         if cfg.sft_iters > 0:
-            sft(cfg, run, policy, data, policy.config.block_size)
+            sft(cfg, run, policy, data, resumed)
         if run.master:
-            save_atomic(checkpoint(cfg, policy), ref_path)
+            run.ref_sha256 = or_exit(save_checkpoint, ref_path, policy, stage="ref", config=dict(vars(cfg)),
+                                     inputs=data.inputs, world=run.world)
+            if os.path.exists(os.path.join(cfg.out_dir, "sft.pt")):
+                os.remove(os.path.join(cfg.out_dir, "sft.pt"))  # SFT's state, done with
         if run.ddp:
             dist.barrier()  # the other ranks load it next
+        resumed = None
     reference = load_reference(cfg, run, ref_path)
     val_ref = score_pairs(cfg, run, reference, data.val, data.eot)[:2]
     if cfg.eval_only:
         return eval_only(cfg, run, data, policy, reference, val_ref)
-    reward_model = scalar_copy(policy, run.device) if cfg.method == "reward_model" else None
+    resumed = resumed if resumed is not None and resumed["stage"] != "ref" else None  # nothing past SFT to restore
+    reward_model = ScalarGPT.from_model(policy) if cfg.method == "reward_model" else None
     if cfg.method == "ppo":           # RLHF step 3
-        step = ppo(cfg, run, data, policy, reference, val_ref)
+        step = ppo(cfg, run, data, policy, reference, val_ref, resumed)
     elif reward_model is not None:    # RLHF step 2: from the SFT model, in the DPO loop
-        step = dpo(cfg, run, data, reward_model, None, None, val_ref)
+        step = dpo(cfg, run, data, reward_model, None, None, val_ref, resumed)
     else:
         train_ref = None
         if cfg.precompute_ref and reference is not None:
@@ -939,7 +1079,7 @@ def main(argv):
             train_ref = score_pairs(cfg, run, reference, data.train, data.eot)[:2]
             print0(f"precomputed reference log-probs of {len(data.train)} pairs in {time.time() - t0:.1f}s; reference dropped")
             reference = None  # freed for training; loaded again for the final evaluation
-        step = dpo(cfg, run, data, policy, reference, train_ref, val_ref)
+        step = dpo(cfg, run, data, policy, reference, train_ref, val_ref, resumed)
     result = None
     if run.master and step == dict(reward_model=cfg.rm_iters, ppo=cfg.ppo_iters).get(cfg.method, cfg.dpo_iters):
         if reference is None:
@@ -952,4 +1092,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:
+        sys.exit("interrupted twice: stopped at once. Every checkpoint is written atomically, so the last one is whole; "
+                 "continue with --init_from=resume")
