@@ -5,6 +5,8 @@ How fast is a DPO step, against what this machine can do at most?
   python bench.py --quick    # a seconds-long subset (the test suite runs this)
   python bench.py --compile  # torch.compile the policy (worth it on a GPU)
   python bench.py --ppo      # only the PPO iteration
+  python bench.py --real [--data=FILE --tokenizer=FILE]  # real pairs (HH-RLHF) at block 512, gpt2-small shape
+  python bench.py --checkpointing   # activation checkpointing's memory and time, gpt2-small shape
 
 Measures, after warm-up, the median over steps of: the matmul ceiling (GFLOP/s of one large
 matmul, fp32 and bf16); a full DPO training step (policy forward+backward on chosen and rejected
@@ -17,6 +19,7 @@ output layer at each position that predicts a response token: the prompt's logit
 Ends with one JSON line of every figure.
 """
 import json
+import os
 import statistics
 import sys
 import time
@@ -25,7 +28,8 @@ from types import SimpleNamespace
 
 import torch
 
-from dpo import concatenated_logps, dpo_loss
+import data as D
+from dpo import concatenated_logps, dpo_loss, response_logps
 from model import GPT, GPTConfig, ScalarGPT
 
 SHAPES = {  # name: (n_layer, n_head, n_embd, vocab_size)
@@ -103,11 +107,12 @@ def dpo_step_flops(model, ids, mask, precomputed):
     return 3 * fwd + (0 if precomputed else fwd)
 
 
-def bench_dpo_step(shape, dtype, precomputed, device, steps, compile_model):
+def bench_dpo_step(shape, dtype, precomputed, device, steps, compile_model, grad_checkpoint=False):
     L, H, C, V = SHAPES[shape]
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=V, block_size=PROMPT + RESPONSE, n_layer=L, n_head=H, n_embd=C)
     policy = GPT(cfg).to(device)
+    policy.grad_checkpoint = grad_checkpoint
     reference = GPT(cfg).to(device).eval().requires_grad_(False)
     reference.load_state_dict(policy.state_dict())
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5, fused=device == "cuda")
@@ -136,6 +141,7 @@ def bench_dpo_step(shape, dtype, precomputed, device, steps, compile_model):
     sec = median_time(step, steps, 1 if shape != "tiny" else 2, device)
     flops, tokens = dpo_step_flops(policy, ids, mask, precomputed), ids.numel()
     return dict(shape=shape, dtype=dtype, reference="precomputed" if precomputed else "live", sec_per_step=sec,
+                grad_checkpoint=grad_checkpoint,
                 pairs_per_s=PAIRS / sec, tokens_per_s=tokens / sec, tflop_per_step=flops / 1e12,
                 peak_mem_mb=peak_memory_mb(device), first_losses=losses[:3])
 
@@ -188,9 +194,118 @@ def bench_ppo_iteration(shape, device, n_prompts, n_new, epochs):
                 mean_response=ep.lengths.mean().item())
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+HH_TEST = os.path.join(HERE, "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")  # this repo's test data
+GPT2_BPE = os.path.join(HERE, "..", "shared", "data", "gpt2-bpe", "gpt2.tiktoken")
+
+
+def padding(batches, lengths):
+    """-> (padded tokens, real tokens) of batches of indices; each padded to its longest row."""
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches), sum(lengths[i] for b in batches for i in b)
+
+
+def bench_real(device, path, tokenizer, block=512, pairs_per_step=4, steps=2, n_score=128):
+    """Real preference pairs through this project's data path and a gpt2-small-shaped model (random
+    weights: speed does not depend on them), fp32. Tokenization one pair at a time against the
+    batched encoder; the padding of training batches (16 pairs, shuffled against length-grouped)
+    and of scoring batches (64 sequences, file order against sorted by length); then measured: a no-grad scoring pass over the first
+    n_score pairs and DPO steps of pairs_per_step pairs, each both ways. Useful tokens/s counts
+    real tokens only."""
+    enc = D.get_tokenizer(tokenizer)
+    pairs = D.load_pairs(path, verbose=False)
+    texts = [p[k] for p in pairs for k in ("prompt", "chosen", "rejected")]
+    speed = {}
+    for name, fn in (("one_by_one", lambda: [enc.encode_ordinary(t) for t in texts]),
+                     ("tiktoken_batch", lambda: enc.encode_ordinary_batch(texts, num_threads=8)),
+                     ("tokenize_pairs", lambda: D.tokenize_pairs(pairs, enc, block, verbose=False))):
+        t0 = time.perf_counter()
+        fn()
+        speed[name] = len(pairs) / (time.perf_counter() - t0)
+    tok = D.tokenize_pairs(pairs, enc, block, verbose=False)
+    res = dict(pairs=len(tok), tokenize_pairs_per_s=speed)
+    rows = [(p, c) for p, c, _ in tok] + [(p, r) for p, _, r in tok]
+    rlen = [len(p) + len(y) for p, y in rows]
+    plen = [len(p) + max(len(c), len(r)) for p, c, r in tok]
+    n = len(tok)
+    for name, group in (("shuffled", 0), ("length_grouped", 50)):
+        b = D.Batches(list(range(n)), 16, 0, lengths=plen, group=group)
+        batches = [b.next() for _ in range(b.steps_per_epoch)]
+        padded = sum(2 * len(x) * max(plen[i] for i in x) for x in batches)
+        real = sum(rlen[i] + rlen[i + n] for x in batches for i in x)
+        res[f"train_padding_{name}"] = padded / real
+    order = sorted(range(len(rows)), key=rlen.__getitem__)
+    for name, idx in (("file_order", list(range(len(rows)))), ("length_sorted", order)):
+        res[f"score_padding_{name}"] = padding([idx[i:i + 64] for i in range(0, len(idx), 64)], rlen)[0] / sum(rlen)
+    L, H, C, V = SHAPES["gpt2-small"]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=block, n_layer=L, n_head=H, n_embd=C)).to(device)
+    sub = rows[:n_score] + rows[n:n + n_score]  # the first n_score pairs, chosen then rejected
+    sub_len = [len(p) + len(y) for p, y in sub]
+    for name, idx in (("file_order", list(range(len(sub)))), ("length_sorted", sorted(range(len(sub)), key=sub_len.__getitem__))):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(idx), 64):
+                ids, mask = (x.to(device) for x in D.collate_sft([sub[j] for j in idx[i:i + 64]], enc.eot_token))
+                response_logps(model.eval(), ids, mask)  # what train.score computes
+        sync(device)
+        dt = time.perf_counter() - t0
+        res[f"score_{name}"] = dict(seconds=dt, useful_tokens_per_s=sum(sub_len) / dt)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    for name, group in (("shuffled", 0), ("length_grouped", 50)):
+        b = D.Batches(tok, pairs_per_step, 1, lengths=plen, group=group)
+        real, t0 = 0, time.perf_counter()
+        for _ in range(steps):
+            ex = b.next()
+            ids, mask = (x.to(device) for x in D.collate(ex, enc.eot_token))
+            pc, pr, _, _ = concatenated_logps(model, ids, mask)
+            (pc - pr).mean().backward()  # the policy's half of a step (a precomputed reference)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            real += sum(len(p) + len(c) + len(p) + len(r) for p, c, r in ex)
+        sync(device)
+        dt = time.perf_counter() - t0
+        res[f"dpo_step_{name}"] = dict(sec_per_step=dt / steps, useful_tokens_per_s=real / dt)
+    return res
+
+
 def main(argv):
     quick, compile_model, ppo_only = "--quick" in argv, "--compile" in argv, "--ppo" in argv
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "--checkpointing" in argv:  # activation checkpointing: its memory saved and its time cost
+        print(f"device {device}; DPO step, gpt2-small shape, fp32, {PAIRS} pairs x {PROMPT + RESPONSE} tokens, "
+              f"precomputed reference")
+        rows = [bench_dpo_step("gpt2-small", "fp32", True, device, 3, compile_model, gc) for gc in (False, True)]
+        for r in rows:
+            print(f"grad_checkpoint={str(r['grad_checkpoint']):<5} {r['sec_per_step']:7.2f} s/step {r['peak_mem_mb']:8.0f} peak MB")
+        print(f"checkpointing: {rows[1]['sec_per_step'] / rows[0]['sec_per_step']:.2f}x the time, "
+              f"{rows[0]['peak_mem_mb'] - rows[1]['peak_mem_mb']:.0f} MB less at peak")
+        print(json.dumps(dict(device=device, torch=torch.__version__, checkpointing=rows)))
+        return
+    if "--real" in argv:
+        opts = dict(a.removeprefix("--").split("=", 1) for a in argv if "=" in a)
+        path, tokenizer = opts.get("data", HH_TEST), opts.get("tokenizer", GPT2_BPE)
+        if not os.path.isfile(path) or not os.path.isfile(tokenizer):
+            sys.exit(f"--real needs a preference file and a .tiktoken file: pass --data=... --tokenizer=... "
+                     f"(e.g. HH-RLHF's harmless-base test split and GPT-2's ranks); not found: {path}, {tokenizer}")
+        print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; {path}, block 512, "
+              f"gpt2-small shape, fp32")
+        r = bench_real(device, path, tokenizer)
+        t = r["tokenize_pairs_per_s"]
+        print(f"tokenization: {t['one_by_one']:.0f} pairs/s encoding one text at a time, {t['tiktoken_batch']:.0f} "
+              f"with tiktoken's threaded batch encoder, {t['tokenize_pairs']:.0f} for tokenize_pairs (encode each distinct "
+              f"text once, then fit to the block); {r['pairs']} pairs")
+        print(f"padded/real tokens: training batches of 16 pairs {r['train_padding_shuffled']:.2f} shuffled, "
+              f"{r['train_padding_length_grouped']:.2f} length-grouped; scoring batches of 64 sequences "
+              f"{r['score_padding_file_order']:.2f} in file order, {r['score_padding_length_sorted']:.2f} sorted")
+        a, b = r["score_file_order"], r["score_length_sorted"]
+        print(f"scoring 128 pairs: {a['seconds']:.1f} s in file order, {b['seconds']:.1f} s sorted "
+              f"({a['seconds'] / b['seconds']:.2f}x faster; {b['useful_tokens_per_s']:.0f} useful tokens/s)")
+        a, b = r["dpo_step_shuffled"], r["dpo_step_length_grouped"]
+        print(f"DPO step of 4 pairs (policy forward+backward, AdamW): {a['useful_tokens_per_s']:.0f} useful tokens/s "
+              f"shuffled, {b['useful_tokens_per_s']:.0f} length-grouped ({b['useful_tokens_per_s'] / a['useful_tokens_per_s']:.2f}x)")
+        print(json.dumps(dict(device=device, torch=torch.__version__, real=r)))
+        return
     n = 1024 if quick else (8192 if device == "cuda" else 2048)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, quick={quick}, compile={compile_model}")
     # (--quick steps only in fp32; a CPU without native bf16 takes long over a bf16 matmul)

@@ -262,11 +262,9 @@ def tokenize_pairs(pairs, enc, block_size, min_prompt_tokens=8, verbose=True):
     responses are cut from their end, which may drop the eot.
     """
     eot, out, cuts, skipped = enc.eot_token, [], Counter(), Counter()
-    for pair in pairs:
-        p = enc.encode_ordinary(pair["prompt"]) or [eot]
-        c = enc.encode_ordinary(pair["chosen"]) + [eot]
-        r = enc.encode_ordinary(pair["rejected"]) + [eot]
-        fitted = _fit(p, [c, r], block_size, min_prompt_tokens, cuts)
+    prompts, chosen, rejected = (encode(enc, [x[k] for x in pairs]) for k in ("prompt", "chosen", "rejected"))
+    for p, c, r in zip(prompts, chosen, rejected):
+        fitted = _fit(p or [eot], [c + [eot], r + [eot]], block_size, min_prompt_tokens, cuts)
         if fitted is None:
             skipped["no_room"] += 1
         elif fitted[1][0] == fitted[1][1]:
@@ -282,9 +280,9 @@ def tokenize_sft(items, enc, block_size, min_prompt_tokens=8, verbose=True):
     """(prompt, response) strings -> list of (prompt_ids, response_ids), with the
     same encoding, appended eot and truncation as tokenize_pairs."""
     eot, out, cuts, skipped = enc.eot_token, [], Counter(), Counter()
-    for prompt, response in items:
-        fitted = _fit(enc.encode_ordinary(prompt) or [eot], [enc.encode_ordinary(response) + [eot]],
-                      block_size, min_prompt_tokens, cuts)
+    prompts, responses = encode(enc, [p for p, _ in items]), encode(enc, [r for _, r in items])
+    for p, r in zip(prompts, responses):
+        fitted = _fit(p or [eot], [r + [eot]], block_size, min_prompt_tokens, cuts)
         if fitted is None:
             skipped["no_room"] += 1
         else:
@@ -292,6 +290,13 @@ def tokenize_sft(items, enc, block_size, min_prompt_tokens=8, verbose=True):
     if verbose:
         _report("sequences", out, block_size, cuts, skipped)
     return out
+
+
+def encode(enc, texts):
+    """Token ids of many texts, each distinct text encoded once (pairs often share a prompt). One
+    at a time: tiktoken's threaded batch encoder measured slower here (bench.py --real)."""
+    ids = {}
+    return [ids[t] if t in ids else ids.setdefault(t, enc.encode_ordinary(t)) for t in texts]
 
 
 def _fit(p, responses, block_size, min_prompt_tokens, cuts):
@@ -365,32 +370,52 @@ class Batches:
     Epoch e uses the permutation Random(seed + e) on every rank; each global
     batch of batch_size * world_size items is cut into contiguous slices, rank r
     taking the r-th, so one process with the global batch size sees the same
-    items in the same order. The incomplete last global batch is dropped. The
+    items in the same order. The items after the last whole step are dropped. The
     state "pos" is the item offset into the epoch's permutation, the same on
     every rank and independent of how the global batch is sharded.
+
+    With `lengths` (one per example) and group > 1, the epoch's permutation is
+    then cut into runs of `group` steps, each run sorted by length and cut into
+    steps, and the steps shuffled: a batch holds examples of similar length
+    (little padding) and still comes at a random point. A step is `step_items`
+    examples (default one global batch; with gradient accumulation, all the
+    micro-batches of an optimizer step), so one process accumulating k batches
+    sees exactly what k processes see in one.
     """
 
-    def __init__(self, examples, batch_size, seed, rank=0, world_size=1):
+    def __init__(self, examples, batch_size, seed, rank=0, world_size=1, lengths=None, group=0, step_items=0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.examples, self.batch_size, self.seed, self.lengths, self.group = examples, batch_size, seed, lengths, group
         self.rank, self.global_size = rank, batch_size * world_size
-        if batch_size < 1 or len(examples) < self.global_size:
-            raise ValueError(f"{len(examples)} examples cannot fill one global batch of "
-                             f"{batch_size} x {world_size} ranks = {self.global_size}")
-        self.steps_per_epoch = len(examples) // self.global_size
+        self.step_items = step_items or self.global_size
+        if batch_size < 1 or self.step_items % self.global_size or len(examples) < self.step_items:
+            raise ValueError(f"{len(examples)} examples cannot fill one step of {self.step_items // self.global_size} "
+                             f"global batches of {batch_size} x {world_size} ranks = {self.step_items}")
+        self.epoch_items = len(examples) // self.step_items * self.step_items  # an epoch is whole steps
+        self.steps_per_epoch = self.epoch_items // self.global_size
         self.epoch, self.pos, self._perm = 0, 0, None
 
     def next(self):
-        if self.pos + self.global_size > len(self.examples):
+        if self.pos + self.global_size > self.epoch_items:
             self.epoch, self.pos = self.epoch + 1, 0
         if self._perm is None or self._perm[0] != self.epoch:
-            order = list(range(len(self.examples)))
-            random.Random(self.seed + self.epoch).shuffle(order)
-            self._perm = (self.epoch, order)
+            self._perm = (self.epoch, self._order(self.epoch))
         start = self.pos + self.rank * self.batch_size
         self.pos += self.global_size
         return [self.examples[i] for i in self._perm[1][start:start + self.batch_size]]
+
+    def _order(self, epoch):
+        order, rng = list(range(len(self.examples))), random.Random(self.seed + epoch)
+        rng.shuffle(order)
+        if self.lengths is None or self.group < 2:
+            return order
+        unit = self.step_items
+        n, run = self.epoch_items, self.group * unit  # the tail stays last
+        order[:n] = [i for a in range(0, n, run) for i in sorted(order[a:min(a + run, n)], key=self.lengths.__getitem__)]
+        steps = [order[a:a + unit] for a in range(0, n, unit)]
+        rng.shuffle(steps)
+        return [i for b in steps for i in b] + order[n:]
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos}

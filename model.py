@@ -11,7 +11,7 @@ import json
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -109,6 +109,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        self.grad_checkpoint = False  # True: keep only each block's input for backward, recompute the rest
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -121,6 +122,14 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def crop_block_size(self, block_size):
+        """Keep the first `block_size` positions of the position table (as nanoGPT does): a loaded
+        GPT-2 trained at 1024 then runs, and is saved, at a shorter context."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"block_size {block_size} is longer than the model's {self.config.block_size}")
+        self.config = replace(self.config, block_size=block_size)
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())  # the tied lm_head is counted once
@@ -136,7 +145,10 @@ class GPT(nn.Module):
             pos = torch.arange(t0, t0 + T, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, None if cache is None else cache[i])
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, use_reentrant=False)  # same dropout masks
+            else:
+                x = block(x, attn_mask, None if cache is None else cache[i])
         if cache is not None:
             for c in cache:
                 c["pos"] += T
@@ -271,6 +283,23 @@ class GPT(nn.Module):
             raise ValueError(f"{src}: no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         return model
 
+    def save_pretrained(self, path):
+        """Write a Hugging Face GPT-2 folder, the inverse of from_pretrained: config.json and
+        model.safetensors with HF's names, the Conv1D weights transposed back to (in, out), the tied
+        lm_head left out (HF ties it again). `transformers.GPT2LMHeadModel.from_pretrained(path)`
+        reads it."""
+        os.makedirs(path, exist_ok=True)
+        c = self.config
+        hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size, n_positions=c.block_size,
+                  n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=None,
+                  activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
+                  attn_pdrop=0.0, bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1, tie_word_embeddings=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf, f, indent=1)
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        sd = {k: (w.t() if k.endswith(transposed) else w) for k, w in self.state_dict().items() if k != "lm_head.weight"}
+        save_safetensors(os.path.join(path, "model.safetensors"), sd)
+
 
 class ScalarGPT(GPT):
     """The GPT trunk with a scalar head in place of next-token logits (the tied lm_head stays, unused):
@@ -389,6 +418,26 @@ def load_model(path, device="cpu", dropout=0.0, kind="GPT"):
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
               "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def save_safetensors(path, tensors):
+    """Write a .safetensors file (the layout load_safetensors reads), atomically."""
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.int16 if t.dtype == torch.bfloat16 else t.dtype).numpy().tobytes()
+        dtype = "BF16" if t.dtype == torch.bfloat16 else names[np.dtype(t.numpy().dtype).type]
+        header[name] = dict(dtype=dtype, shape=list(t.shape), data_offsets=[offset, offset + len(raw)])
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header so the data starts 8-byte aligned
+    with open(path + ".tmp", "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for raw in blobs:
+            f.write(raw)
+    os.replace(path + ".tmp", path)
 
 
 def load_safetensors(path):

@@ -299,6 +299,48 @@ def test_batches_determinism_resume_and_rank_sharding():
         data.Batches(ex, 4, seed=0, world_size=3)
 
 
+def test_length_grouped_batches_pad_little_and_stay_exact():
+    """103 examples of random lengths 1..400, global batch 8 (12 batches an epoch, the last 7 examples
+    dropped), runs of 3 batches sorted by length. Each epoch still visits 96 distinct examples; each
+    global batch is sorted by length (cut from a sorted run); the stream is deterministic, continues
+    exactly from a state_dict, and 2 ranks of 4 concatenated equal one process of 8. The padded
+    length summed over batches (8 x the longest of each) falls below a plain shuffle's."""
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 400) for _ in range(103)]
+    ex = list(range(103))
+    make = lambda **kw: data.Batches(ex, kw.pop("b", 8), seed=5, lengths=lengths, group=3, **kw)
+    stream = lambda b, n: [b.next() for _ in range(n)]
+    a = stream(make(), 24)
+    assert a == stream(make(), 24)
+    assert len(set(i for b in a[:12] for i in b)) == 96 and len(set(i for b in a[12:] for i in b)) == 96
+    assert all([lengths[i] for i in b] == sorted(lengths[i] for i in b) for b in a)
+    g, h = make(), make()
+    stream(g, 17)
+    h.load_state_dict(g.state_dict())
+    assert stream(h, 7) == a[17:]
+    r0, r1 = (make(b=4, rank=r, world_size=2) for r in (0, 1))
+    assert [x + y for x, y in zip(stream(r0, 24), stream(r1, 24))] == a
+    # 2 micro-batches of 4 per optimizer step: one process, and 2 processes of one, see the same 8
+    acc = data.Batches(ex, 4, seed=5, lengths=lengths, group=3, step_items=8)
+    ddp = [data.Batches(ex, 4, seed=5, rank=r, world_size=2, lengths=lengths, group=3, step_items=8) for r in (0, 1)]
+    assert [x + y for x, y in zip(*(stream(b, 24) for b in ddp))] == [a + b for a, b in zip(*[iter(stream(acc, 48))] * 2)]
+    padded = lambda batches: sum(8 * max(lengths[i] for i in b) for b in batches)
+    assert padded(a[:12]) < 0.8 * padded(stream(data.Batches(ex, 8, seed=5), 12))
+
+
+def test_encoding_each_distinct_text_once_equals_one_at_a_time():
+    """tokenize_pairs encodes each distinct text once (HH pairs share prompts); the ids equal
+    encoding every pair alone (the GPT-2 BPE, on the HH file when present)."""
+    if not os.path.isfile(GPT2_PATH) or not os.path.isfile(HH_PATH):
+        pytest.skip("offline GPT-2 BPE or HH file not found (fresh clone without ../shared)")
+    enc = data.get_tokenizer(GPT2_PATH)
+    pairs = data.load_pairs(HH_PATH, verbose=False)[:300]
+    out = data.tokenize_pairs(pairs, enc, 10**6, verbose=False)
+    alone = [(enc.encode_ordinary(p["prompt"]), enc.encode_ordinary(p["chosen"]) + [enc.eot_token],
+              enc.encode_ordinary(p["rejected"]) + [enc.eot_token]) for p in pairs]
+    assert out == [x for x in alone if x[1] != x[2]]
+
+
 # ------------------------------------------------------------------------------------------------
 # the reviews task
 

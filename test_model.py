@@ -403,3 +403,56 @@ def test_save_is_atomic_and_refuses_non_finite_weights(tmp_path):
     assert load_checkpoint(path)["step"] == 1
     with pytest.raises(OSError, match="nodir/x.pt: cannot write it"):
         save_checkpoint(str(tmp_path / "nodir" / "x.pt"), tiny_model())
+
+
+# ------------------------------------------------------------------------------------------------
+# export, a shorter context, activation checkpointing
+
+def test_save_pretrained_round_trip(tmp_path):
+    """save_pretrained writes what from_pretrained reads: the same tensors and logits back. The file
+    is in Hugging Face's layout, read here with json alone: names with the transformer. prefix, no
+    lm_head (tied), Conv1D weights (in, out): c_attn (16, 48) for n_embd 16, and config.json with
+    GPT-2's field names."""
+    m = tiny_model(seed=3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    m.save_pretrained(str(tmp_path / "hf"))
+    m2 = GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    assert all(torch.equal(v, m2.state_dict()[k]) for k, v in m.state_dict().items())
+    ids = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(m.eval()(ids), m2(ids))
+    raw = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert header["transformer.h.0.attn.c_attn.weight"]["shape"] == [16, 48] and "lm_head.weight" not in header
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (cfg["n_positions"], cfg["n_embd"], cfg["n_layer"], cfg["vocab_size"], cfg["model_type"]) == (64, 16, 2, 37, "gpt2")
+
+
+def test_crop_block_size_keeps_the_first_positions():
+    """Cropping a block-64 model to 20 keeps wpe rows 0..19, so on a 20-token input its logits equal
+    the uncropped model's; a longer input is now refused, and so is growing the block."""
+    m = tiny_model(seed=4).eval()
+    ids = torch.randint(0, 37, (2, 20), generator=torch.Generator().manual_seed(1))
+    before = m(ids)
+    m.crop_block_size(20)
+    assert m.config.block_size == 20 and m.transformer.wpe.weight.shape == (20, 16)
+    assert torch.equal(m(ids), before)
+    with pytest.raises(ValueError, match="longer than block_size 20"):
+        m(torch.zeros(1, 21, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_size 30 is longer than the model's 20"):
+        m.crop_block_size(30)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """With grad_checkpoint the blocks' activations are recomputed in backward, with the same dropout
+    masks (the RNG state is replayed): loss and every gradient equal the plain run's, dropout 0.1."""
+    grads = []
+    for ckpt in (False, True):
+        m = tiny_model(seed=5, dropout=0.1).train()
+        m.grad_checkpoint = ckpt
+        torch.manual_seed(0)
+        ids = torch.randint(0, 37, (3, 12), generator=torch.Generator().manual_seed(2))
+        m(ids).logsumexp(-1).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters()})
+    assert all(torch.allclose(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7) for k in grads[0])

@@ -8,6 +8,7 @@ import gzip
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import torch
 
 import data
 import train
-from model import ScalarGPT, load_checkpoint, load_model, save_checkpoint
+from model import GPT, ScalarGPT, load_checkpoint, load_model, save_checkpoint
 from test_model import Payload, hf_state_dict, tiny_model, write_config, write_safetensors
 
 
@@ -798,3 +799,39 @@ def test_bad_inputs_stop_with_one_line(tiny_run, tmp_path, capsys):
             train.main(TINY + [a for a in args if not a.startswith("--out_dir=")] + out)
         msg = str(e.value.code)
         assert re.search(message, msg) and "\n" not in msg and "weights_only" not in msg, (args, msg)
+
+
+# ------------------------------------------------------------------------------------------------
+# real data: a shorter context for a loaded GPT-2, export, length-aware scoring
+
+def test_block_size_crops_a_loaded_gpt2_and_export_round_trips(tmp_path):
+    """--block_size=100 on a GPT-2 folder of block 160 crops its position table: the run's ref.pt
+    and ckpt.pt hold block 100 (never silently 160); 200 is refused. --eval_only with --export
+    writes the trained policy as a GPT-2 folder that loads back to the same logits."""
+    m = tiny_model(seed=10, vocab_size=257, n_embd=64, block_size=160)
+    folder = tmp_path / "gpt2-tiny"
+    m.save_pretrained(str(folder))
+    run_train(tmp_path / "run", f"--init_from={folder}", "--block_size=100", "--sft_iters=2", *FAST, "--dpo_iters=1")
+    for f in ("ref.pt", "ckpt.pt"):
+        assert load_checkpoint(str(tmp_path / "run" / f))["model_args"]["block_size"] == 100
+    with pytest.raises(SystemExit, match="block_size 200 is longer than the model's 160"):
+        run_train(tmp_path / "run2", f"--init_from={folder}", "--block_size=200")
+    train.main(TINY + ["--eval_only=True", f"--init_from={tmp_path / 'run' / 'ckpt.pt'}", f"--export={tmp_path / 'hf'}",
+                       "--eval_samples=2", f"--out_dir={tmp_path / 'ev'}", "--block_size=100"])
+    policy, exported = load_model(str(tmp_path / "run" / "ckpt.pt")), GPT.from_pretrained(str(tmp_path / "hf"))
+    ids = torch.randint(0, 257, (2, 100), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(policy(ids), exported(ids)) and (tmp_path / "hf" / "TOKENIZER.txt").exists()
+
+
+def test_score_puts_sorted_batches_back_in_order(tiny_run, tmp_path):
+    """score() batches sequences sorted by length; its outputs must come back in the input order:
+    for 37 sequences of mixed lengths, batches of 8, each summed log-prob and count equals the
+    sequence scored alone (fp32: equal to 1e-5)."""
+    cfg, run, d = stage_inputs(tmp_path, "--score_batch_size=8")
+    m = load_model(f"{tiny_run[0]}/ref.pt")
+    rng = random.Random(0)
+    seqs = [(p, c[:rng.randint(1, len(c))]) for p, c, _ in d.train[:37]]
+    lp, n = train.score(cfg, run, m, seqs, d.eot)
+    alone = [train.score(cfg, run, m, [s], d.eot) for s in seqs]
+    assert n.tolist() == [len(c) for _, c in seqs]
+    assert lp.tolist() == pytest.approx([a[0].item() for a in alone], rel=1e-5, abs=1e-5)

@@ -40,13 +40,18 @@ CONFIG = dict(
     tokenizer=("bytes", "'bytes', a tiktoken name such as 'gpt2' (downloaded once), or a local .tiktoken ranks file"),
     val_fraction=(0.05, "share of a preference file's prompts held out for evaluation"),
     min_prompt_tokens=(8, "truncation keeps at least this many prompt tokens before it cuts responses"),
+    length_group=(50, "preference files: SFT and DPO batches come from runs of this many batches sorted by "
+                      "length, so each pads little (0: plain shuffled batches; the reviews task always uses 0)"),
     # model
     init_from=("scratch", "'scratch', 'resume' (out_dir/ckpt.pt), a checkpoint .pt, or a Hugging Face GPT-2 folder"),
     n_layer=(4, "transformer blocks (scratch only)"),
     n_head=(4, "attention heads (scratch only)"),
     n_embd=(128, "width (scratch only)"),
-    block_size=(256, "context length in tokens (scratch only; sequences are truncated to it)"),
+    block_size=(0, "context length in tokens; sequences are truncated to it. 0: 256 for a new model, a loaded "
+                   "one's own; below a loaded model's, its position table is cropped (as nanoGPT does)"),
     dropout=(0.0, "dropout in the policy; the reference never uses it"),
+    grad_checkpoint=(False, "activation checkpointing: keep only each block's input, recompute the rest in "
+                            "backward (less memory, about a third more compute)"),
     # stage 1: the reference, by maximum likelihood on responses (the embedded corpus or the chosen ones)
     sft_iters=(1200, "SFT steps before DPO (0: init_from already is the reference)"),
     sft_batch_size=(32, "sequences per SFT step, per process"),
@@ -104,6 +109,7 @@ CONFIG = dict(
     log_interval=(10, "training steps (DPO, reward model, PPO iterations) between log lines"),
     eval_only=(False, "only evaluate and sample init_from (a checkpoint), no training"),
     prompt=("", "with eval_only: also sample continuations of this prompt"),
+    export=("", "with eval_only: also write the policy here as a Hugging Face GPT-2 folder"),
     # system
     out_dir=("out", "where ref.pt, sft.pt, ckpt.pt, config.json, metrics.jsonl and eval.json go"),
     overwrite=(False, "start a new run in an out_dir that holds another run's files, deleting them"),
@@ -115,16 +121,17 @@ CONFIG = dict(
     compile=(False, "torch.compile the policy"),
     threads=(0, "CPU threads for torch (0: torch's default)"),
 )
-POSITIVE = ("n_layer", "n_embd", "batch_size", "sft_batch_size", "grad_accum", "dpo_lr", "block_size", "max_new_tokens", "log_interval",
+POSITIVE = ("n_layer", "n_embd", "batch_size", "sft_batch_size", "grad_accum", "dpo_lr", "max_new_tokens", "log_interval",
             "sft_log_interval", "eval_interval", "ckpt_interval", "eval_samples", "eval_pairs", "score_batch_size",
             "sample_batch_size", "online_redraws", "rm_iters", "rm_lr", "ppo_iters", "rollout_batch", "ppo_minibatch",
             "ppo_epochs", "ppo_lr", "clip_range_value", "kl_horizon")
 NON_NEGATIVE = ("sft_iters", "dpo_iters", "warmup_iters", "sft_warmup_iters", "sft_lr", "grad_clip", "stop_at",
-                "top_k", "temperature", "threads", "weight_decay", "kl_coef", "target_kl", "no_eos_penalty", "diverge")
+                "top_k", "temperature", "threads", "weight_decay", "kl_coef", "target_kl", "no_eos_penalty", "diverge",
+                "block_size", "length_group")
 # what a resumed run may change; every other setting must be the one the run was started with
 MAY_CHANGE = ("init_from", "dpo_iters", "rm_iters", "ppo_iters", "stop_at", "eval_interval", "ckpt_interval",
               "log_interval", "sft_log_interval", "eval_pairs", "eval_samples", "show_samples", "score_batch_size",
-              "sample_batch_size", "device", "threads", "compile", "overwrite")
+              "sample_batch_size", "device", "threads", "compile", "grad_checkpoint", "overwrite", "prompt", "export")
 RUN_FILES = ("ref.pt", "sft.pt", "ckpt.pt", "config.json", "metrics.jsonl", "eval.json")
 METHODS = ("dpo", "preferred_ft", "reward_model", "ppo")
 
@@ -183,6 +190,8 @@ def parse_config(argv):
     for flag in ("online", "precompute_ref", "reference_free"):
         if c.method in ("reward_model", "ppo") and getattr(c, flag):
             sys.exit(f"--{flag}=True is a DPO setting; it does not apply to --method={c.method}")
+    if c.export and not c.eval_only:
+        sys.exit("--export=DIR works with --eval_only=True (it exports the checkpoint given as --init_from)")
     if c.eval_only and c.init_from in ("scratch", "resume"):
         sys.exit("--eval_only=True needs --init_from=<checkpoint .pt or GPT-2 folder>")
     return c
@@ -412,11 +421,14 @@ def reward_model_judge(path, enc, run):
 def build_policy(cfg, run, enc, resumed):
     """The model DPO starts from (and SFT trains first): new, loaded, or the resumed run's own."""
     if cfg.init_from == "scratch" and resumed is None:
-        model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+        model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size or 256, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
     else:  # resumed: the reference once SFT is done; during SFT sft.pt, whose weights sft() restores
         path = cfg.init_from if resumed is None else os.path.join(cfg.out_dir, "sft.pt" if resumed["stage"] == "sft" else "ref.pt")
         model = or_exit(load_model, path, "cpu", cfg.dropout)
+        if cfg.block_size and cfg.block_size != model.config.block_size:
+            or_exit(model.crop_block_size, cfg.block_size)  # longer than the model's: refused, it has no positions there
+    model.grad_checkpoint = cfg.grad_checkpoint
     if model.config.vocab_size != enc.n_vocab:
         sys.exit(f"the model's vocabulary ({model.config.vocab_size}) does not match tokenizer {cfg.tokenizer!r} "
                  f"({enc.n_vocab} tokens); pass the tokenizer the model was trained with (for GPT-2: --tokenizer=gpt2)")
@@ -561,7 +573,8 @@ def sft(cfg, run, policy, data, resumed):
     if len(seqs) < cfg.sft_batch_size * run.world:
         sys.exit(f"{cfg.data}: {len(seqs)} SFT sequences fit block_size {policy.config.block_size}: too few for one "
                  f"batch of --sft_batch_size={cfg.sft_batch_size} x {run.world} processes")
-    loader = D.Batches(seqs, cfg.sft_batch_size, cfg.seed, run.rank, run.world)
+    lengths = [len(p) + len(r) for p, r in seqs] if data.task is None else None  # length-grouped on a file
+    loader = D.Batches(seqs, cfg.sft_batch_size, cfg.seed, run.rank, run.world, lengths, cfg.length_group)
     model = DDP(policy) if run.ddp else policy
     optimizer = make_optimizer(cfg, policy, cfg.sft_lr)
     step, last = 0, "none: SFT starts again from its beginning"
@@ -614,18 +627,23 @@ def load_reference(cfg, run, path):
 @torch.no_grad()
 def score(cfg, run, model, seqs, eot):
     """Summed response log-probs and token counts of (prompt_ids, response_ids), in eval mode; a
-    reward model's score at the last token instead when `model` is a ScalarGPT."""
+    reward model's score at the last token instead when `model` is a ScalarGPT. Batches hold
+    sequences of similar length (sorted, then put back in order): little padding to compute."""
     was_training, out = model.training, []
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
     model.eval()
     with run.ctx:
         for i in range(0, len(seqs), cfg.score_batch_size):
-            ids, mask = (x.to(run.device) for x in D.collate_sft(seqs[i:i + cfg.score_batch_size], eot))
+            batch = [seqs[j] for j in order[i:i + cfg.score_batch_size]]
+            ids, mask = (x.to(run.device) for x in D.collate_sft(batch, eot))
             if isinstance(model, ScalarGPT):
                 out.append([P.last_token_scores(model, ids, mask)])
             else:
                 out.append([x.float() for x in response_logps(model, ids, mask)])
     model.train(was_training)
-    return [torch.cat(x) for x in zip(*out)]
+    inverse = torch.empty(len(seqs), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(seqs))
+    return [torch.cat(x)[inverse.to(run.device)] for x in zip(*out)]
 
 
 def score_pairs(cfg, run, model, pairs, eot):
@@ -746,8 +764,10 @@ def dpo(cfg, run, data, model, reference, train_ref, val_ref, resumed):
     stage, iters, peak_lr = ("rm", cfg.rm_iters, cfg.rm_lr) if rm else ("dpo", cfg.dpo_iters, cfg.dpo_lr)
     model.train()
     optimizer = make_optimizer(cfg, model, peak_lr)
-    src = SimpleNamespace(pairs=D.Batches(list(range(len(data.train))), cfg.batch_size, cfg.seed, run.rank, run.world),
-                          prompts=None, online=dict(pairs=0, ties=0), train_ref=train_ref)
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in data.train] if data.task is None else None
+    pairs = D.Batches(list(range(len(data.train))), cfg.batch_size, cfg.seed, run.rank, run.world, lengths,
+                      cfg.length_group, step_items=cfg.batch_size * cfg.grad_accum)  # one optimizer step's pairs
+    src = SimpleNamespace(pairs=pairs, prompts=None, online=dict(pairs=0, ties=0), train_ref=train_ref)
     if cfg.online:  # prompts keep their end and leave room to sample
         prompts = sorted({tuple(p[-data.room:]) for p, _, _ in data.train})
         src.prompts = D.Batches(prompts, cfg.batch_size, cfg.seed, run.rank, run.world)
@@ -1035,6 +1055,12 @@ def eval_only(cfg, run, data, policy, reference, val_ref):
                     print0(f"{who}: {cfg.prompt!r} -> {text(data, r)!r}")
     res = evaluate(cfg, run, data, policy, reference, val_ref)
     print0(json.dumps(res, indent=1))
+    if cfg.export:
+        policy.save_pretrained(cfg.export)
+        with open(os.path.join(cfg.export, "TOKENIZER.txt"), "w") as f:  # HF has no file for tiktoken's encodings
+            f.write(f"tokenizer: {cfg.tokenizer} (tiktoken; 'bytes' is UTF-8 bytes, id 256 = <|endoftext|>); "
+                    f"end-of-text id {data.eot}\n")
+        print0(f"exported the policy as a Hugging Face GPT-2 folder: {cfg.export}")
     return res
 
 

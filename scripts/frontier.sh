@@ -3,7 +3,7 @@
 # one reference, then offline DPO, online DPO, Preferred-FT, PPO-GT (PPO on the task's exact
 # reward) and PPO-RM (PPO on a reward model trained here) from it, all evaluated on the same
 # held-out prompts. Prints a markdown table of every run's eval.json. A finished run (one with an
-# eval.json) is not run again, so an interrupted sweep continues where it stopped.
+# eval.json) is not run again, and an interrupted one is resumed, so a sweep continues where it stopped.
 #   bash scripts/frontier.sh [runs_dir]
 #   BETAS="1" ONLINE_BETAS="" PFT_LRS="" KLS="1" bash scripts/frontier.sh   # a subset
 #   REF=out/ref.pt bash scripts/frontier.sh                                  # an existing reference
@@ -20,7 +20,11 @@ run() {
   local name=$1; shift
   [ -f "$runs/$name/eval.json" ] && return
   local t=$(date +%s)
-  python train.py --out_dir="$runs/$name" --show_samples=0 "$@" > "$runs/$name.log"
+  if [ -f "$runs/$name/ref.pt" ] || [ -f "$runs/$name/sft.pt" ]; then  # interrupted: continue it
+    python train.py --out_dir="$runs/$name" --init_from=resume >> "$runs/$name.log"
+  else                                                           # new, or stopped before any checkpoint
+    python train.py --out_dir="$runs/$name" --overwrite=True --show_samples=0 "$@" > "$runs/$name.log"
+  fi
   echo "$name: $(( $(date +%s) - t )) s"
 }
 if [ -z "${REF:-}" ]; then                           # REF=path/to/ref.pt reuses a reference
