@@ -5,7 +5,7 @@ How fast is a DPO step, against what this machine can do at most?
   python bench.py --quick    # a seconds-long subset (the test suite runs this)
   python bench.py --compile  # torch.compile the policy (worth it on a GPU)
   python bench.py --ppo      # only the PPO iteration
-  python bench.py --real [--data=FILE --tokenizer=FILE]  # real pairs (HH-RLHF) at block 512, gpt2-small shape
+  python bench.py --real [--data=FILE --tokenizer=FILE --score_pairs=128]  # real pairs (HH-RLHF), block 512, gpt2-small shape
   python bench.py --checkpointing   # activation checkpointing's memory and time, gpt2-small shape
 
 Measures, after warm-up, the median over steps of: the matmul ceiling (GFLOP/s of one large
@@ -20,6 +20,7 @@ Ends with one JSON line of every figure.
 """
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -209,7 +210,7 @@ def bench_real(device, path, tokenizer, block=512, pairs_per_step=4, steps=2, n_
     weights: speed does not depend on them), fp32. Tokenization one pair at a time against the
     batched encoder; the padding of training batches (16 pairs, shuffled against length-grouped)
     and of scoring batches (64 sequences, file order against sorted by length); then measured: a no-grad scoring pass over the first
-    n_score pairs and DPO steps of pairs_per_step pairs, each both ways. Useful tokens/s counts
+    n_score pairs drawn at random and DPO steps of pairs_per_step pairs, each both ways. Useful tokens/s counts
     real tokens only."""
     enc = D.get_tokenizer(tokenizer)
     pairs = D.load_pairs(path, verbose=False)
@@ -239,7 +240,8 @@ def bench_real(device, path, tokenizer, block=512, pairs_per_step=4, steps=2, n_
     L, H, C, V = SHAPES["gpt2-small"]
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=block, n_layer=L, n_head=H, n_embd=C)).to(device)
-    sub = rows[:n_score] + rows[n:n + n_score]  # the first n_score pairs, chosen then rejected
+    picked = sorted(random.Random(0).sample(range(n), min(n_score, n)))  # pairs in file order, chosen then rejected
+    sub = [rows[i] for i in picked] + [rows[n + i] for i in picked]
     sub_len = [len(p) + len(y) for p, y in sub]
     for name, idx in (("file_order", list(range(len(sub)))), ("length_sorted", sorted(range(len(sub)), key=sub_len.__getitem__))):
         t0 = time.perf_counter()
@@ -290,7 +292,7 @@ def main(argv):
                      f"(e.g. HH-RLHF's harmless-base test split and GPT-2's ranks); not found: {path}, {tokenizer}")
         print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; {path}, block 512, "
               f"gpt2-small shape, fp32")
-        r = bench_real(device, path, tokenizer)
+        r = bench_real(device, path, tokenizer, n_score=int(opts.get("score_pairs", 128)))
         t = r["tokenize_pairs_per_s"]
         print(f"tokenization: {t['one_by_one']:.0f} pairs/s encoding one text at a time, {t['tiktoken_batch']:.0f} "
               f"with tiktoken's threaded batch encoder, {t['tokenize_pairs']:.0f} for tokenize_pairs (encode each distinct "
@@ -299,7 +301,7 @@ def main(argv):
               f"{r['train_padding_length_grouped']:.2f} length-grouped; scoring batches of 64 sequences "
               f"{r['score_padding_file_order']:.2f} in file order, {r['score_padding_length_sorted']:.2f} sorted")
         a, b = r["score_file_order"], r["score_length_sorted"]
-        print(f"scoring 128 pairs: {a['seconds']:.1f} s in file order, {b['seconds']:.1f} s sorted "
+        print(f"scoring {opts.get('score_pairs', 128)} pairs: {a['seconds']:.1f} s in file order, {b['seconds']:.1f} s sorted "
               f"({a['seconds'] / b['seconds']:.2f}x faster; {b['useful_tokens_per_s']:.0f} useful tokens/s)")
         a, b = r["dpo_step_shuffled"], r["dpo_step_length_grouped"]
         print(f"DPO step of 4 pairs (policy forward+backward, AdamW): {a['useful_tokens_per_s']:.0f} useful tokens/s "

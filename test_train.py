@@ -685,12 +685,12 @@ def test_resume_before_the_first_checkpoint_and_with_nothing(tiny_run, tmp_path)
         run_train(tmp_path / "empty", "--init_from=resume")
 
 
-def test_sft_stops_and_resumes_exactly(tmp_path, monkeypatch):
+def test_sft_stops_and_resumes_exactly(small_file, tmp_path, monkeypatch):
     """SFT checkpoints too: a stop request seen after SFT step 5 (of 12) writes sft.pt and exits with
     128 + SIGTERM = 143; resuming finishes SFT from sft.pt, and the reference it saves equals, weight
-    for weight, the one of an uninterrupted run (same optimizer state, batches and dropout RNG).
-    sft.pt is removed once ref.pt is written."""
-    args = ["--sft_iters=12", "--dpo_iters=1", "--dropout=0.1", *FAST[1:]]
+    for weight, the one of an uninterrupted run (same optimizer state, length-grouped batches of a
+    preference file, dropout RNG). sft.pt is removed once ref.pt is written."""
+    args = ["--sft_iters=12", "--dpo_iters=1", "--dropout=0.1", *FAST[1:], f"--data={small_file}"]
     run_train(tmp_path / "a", *args)
     calls = iter(range(100))
     monkeypatch.setattr(train, "stop_requested", lambda run: next(calls) == 4)  # the 5th step's check
