@@ -271,43 +271,51 @@ def bench_real(device, path, tokenizer, block=512, pairs_per_step=4, steps=2, n_
     return res
 
 
+def main_checkpointing(device, compile_model):
+    """Activation checkpointing: its memory saved and its time cost."""
+    print(f"device {device}; DPO step, gpt2-small shape, fp32, {PAIRS} pairs x {PROMPT + RESPONSE} tokens, "
+          f"precomputed reference")
+    rows = [bench_dpo_step("gpt2-small", "fp32", True, device, 3, compile_model, gc) for gc in (False, True)]
+    for r in rows:
+        print(f"grad_checkpoint={str(r['grad_checkpoint']):<5} {r['sec_per_step']:7.2f} s/step {r['peak_mem_mb']:8.0f} peak MB")
+    print(f"checkpointing: {rows[1]['sec_per_step'] / rows[0]['sec_per_step']:.2f}x the time, "
+          f"{rows[0]['peak_mem_mb'] - rows[1]['peak_mem_mb']:.0f} MB less at peak")
+    print(json.dumps(dict(device=device, torch=torch.__version__, checkpointing=rows)))
+
+
+def main_real(device, argv):
+    """Real pairs through tokenization, batching and a gpt2-small-shaped model (bench_real)."""
+    opts = dict(a.removeprefix("--").split("=", 1) for a in argv if "=" in a)
+    path, tokenizer = opts.get("data", HH_TEST), opts.get("tokenizer", GPT2_BPE)
+    if not os.path.isfile(path) or not os.path.isfile(tokenizer):
+        sys.exit(f"--real needs a preference file and a .tiktoken file: pass --data=... --tokenizer=... "
+                 f"(e.g. HH-RLHF's harmless-base test split and GPT-2's ranks); not found: {path}, {tokenizer}")
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; {path}, block 512, "
+          f"gpt2-small shape, fp32")
+    r = bench_real(device, path, tokenizer, n_score=int(opts.get("score_pairs", 128)))
+    t = r["tokenize_pairs_per_s"]
+    print(f"tokenization: {t['one_by_one']:.0f} pairs/s encoding one text at a time, {t['tiktoken_batch']:.0f} "
+          f"with tiktoken's threaded batch encoder, {t['tokenize_pairs']:.0f} for tokenize_pairs (encode each distinct "
+          f"text once, then fit to the block); {r['pairs']} pairs")
+    print(f"padded/real tokens: training batches of 16 pairs {r['train_padding_shuffled']:.2f} shuffled, "
+          f"{r['train_padding_length_grouped']:.2f} length-grouped; scoring batches of 64 sequences "
+          f"{r['score_padding_file_order']:.2f} in file order, {r['score_padding_length_sorted']:.2f} sorted")
+    a, b = r["score_file_order"], r["score_length_sorted"]
+    print(f"scoring {opts.get('score_pairs', 128)} pairs: {a['seconds']:.1f} s in file order, {b['seconds']:.1f} s sorted "
+          f"({a['seconds'] / b['seconds']:.2f}x faster; {b['useful_tokens_per_s']:.0f} useful tokens/s)")
+    a, b = r["dpo_step_shuffled"], r["dpo_step_length_grouped"]
+    print(f"DPO step of 4 pairs (policy forward+backward, AdamW): {a['useful_tokens_per_s']:.0f} useful tokens/s "
+          f"shuffled, {b['useful_tokens_per_s']:.0f} length-grouped ({b['useful_tokens_per_s'] / a['useful_tokens_per_s']:.2f}x)")
+    print(json.dumps(dict(device=device, torch=torch.__version__, real=r)))
+
+
 def main(argv):
     quick, compile_model, ppo_only = "--quick" in argv, "--compile" in argv, "--ppo" in argv
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if "--checkpointing" in argv:  # activation checkpointing: its memory saved and its time cost
-        print(f"device {device}; DPO step, gpt2-small shape, fp32, {PAIRS} pairs x {PROMPT + RESPONSE} tokens, "
-              f"precomputed reference")
-        rows = [bench_dpo_step("gpt2-small", "fp32", True, device, 3, compile_model, gc) for gc in (False, True)]
-        for r in rows:
-            print(f"grad_checkpoint={str(r['grad_checkpoint']):<5} {r['sec_per_step']:7.2f} s/step {r['peak_mem_mb']:8.0f} peak MB")
-        print(f"checkpointing: {rows[1]['sec_per_step'] / rows[0]['sec_per_step']:.2f}x the time, "
-              f"{rows[0]['peak_mem_mb'] - rows[1]['peak_mem_mb']:.0f} MB less at peak")
-        print(json.dumps(dict(device=device, torch=torch.__version__, checkpointing=rows)))
-        return
+    if "--checkpointing" in argv:
+        return main_checkpointing(device, compile_model)
     if "--real" in argv:
-        opts = dict(a.removeprefix("--").split("=", 1) for a in argv if "=" in a)
-        path, tokenizer = opts.get("data", HH_TEST), opts.get("tokenizer", GPT2_BPE)
-        if not os.path.isfile(path) or not os.path.isfile(tokenizer):
-            sys.exit(f"--real needs a preference file and a .tiktoken file: pass --data=... --tokenizer=... "
-                     f"(e.g. HH-RLHF's harmless-base test split and GPT-2's ranks); not found: {path}, {tokenizer}")
-        print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; {path}, block 512, "
-              f"gpt2-small shape, fp32")
-        r = bench_real(device, path, tokenizer, n_score=int(opts.get("score_pairs", 128)))
-        t = r["tokenize_pairs_per_s"]
-        print(f"tokenization: {t['one_by_one']:.0f} pairs/s encoding one text at a time, {t['tiktoken_batch']:.0f} "
-              f"with tiktoken's threaded batch encoder, {t['tokenize_pairs']:.0f} for tokenize_pairs (encode each distinct "
-              f"text once, then fit to the block); {r['pairs']} pairs")
-        print(f"padded/real tokens: training batches of 16 pairs {r['train_padding_shuffled']:.2f} shuffled, "
-              f"{r['train_padding_length_grouped']:.2f} length-grouped; scoring batches of 64 sequences "
-              f"{r['score_padding_file_order']:.2f} in file order, {r['score_padding_length_sorted']:.2f} sorted")
-        a, b = r["score_file_order"], r["score_length_sorted"]
-        print(f"scoring {opts.get('score_pairs', 128)} pairs: {a['seconds']:.1f} s in file order, {b['seconds']:.1f} s sorted "
-              f"({a['seconds'] / b['seconds']:.2f}x faster; {b['useful_tokens_per_s']:.0f} useful tokens/s)")
-        a, b = r["dpo_step_shuffled"], r["dpo_step_length_grouped"]
-        print(f"DPO step of 4 pairs (policy forward+backward, AdamW): {a['useful_tokens_per_s']:.0f} useful tokens/s "
-              f"shuffled, {b['useful_tokens_per_s']:.0f} length-grouped ({b['useful_tokens_per_s'] / a['useful_tokens_per_s']:.2f}x)")
-        print(json.dumps(dict(device=device, torch=torch.__version__, real=r)))
-        return
+        return main_real(device, argv)
     n = 1024 if quick else (8192 if device == "cuda" else 2048)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, quick={quick}, compile={compile_model}")
     # (--quick steps only in fp32; a CPU without native bf16 takes long over a bf16 matmul)

@@ -359,12 +359,17 @@ def digest(obj):
     return h.hexdigest()
 
 
+def finite(t):
+    """No NaN or inf in `t`: its min and max in one pass (NaN propagates into both), no bool copy."""
+    return not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
 def save_checkpoint(path, model, **extra):
     """Write `model` (weights, shape, kind) and `extra` state to `path` with the digest of it all.
     Atomic: the bytes go to path.tmp, which replaces `path` only once complete, so a crash mid-write
     leaves the last good file. Non-finite weights are refused, never written. -> the digest."""
     sd = model.state_dict()
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in sd.items() if not finite(v)]
     if bad:
         raise ValueError(f"{path}: not written: non-finite weights in {', '.join(bad[:3])}")
     ck = dict(model=sd, model_args=asdict(model.config), kind=type(model).__name__, **extra)

@@ -586,7 +586,8 @@ FAST = ["--sft_iters=0", "--eval_samples=4", "--eval_pairs=8"]
 
 def test_a_new_run_never_clobbers_another(tiny_run, tmp_path):
     """A second run into the same out_dir stops and names the flag to add; with --overwrite=True the
-    old files are deleted first, so metrics.jsonl holds one run: one 'final' record, not two."""
+    old files are deleted first, so metrics.jsonl holds one run: one 'final' record, not two. A
+    folder with only the settings and log of a run that wrote no checkpoint is cleared silently."""
     args = [f"--init_from={tiny_run[0]}/ref.pt", *FAST, "--dpo_iters=1"]
     run_train(tmp_path, *args)
     with pytest.raises(SystemExit, match=r"holds another run's files \(ref.pt, ckpt.pt, config.json, metrics.jsonl, "
@@ -594,6 +595,12 @@ def test_a_new_run_never_clobbers_another(tiny_run, tmp_path):
         run_train(tmp_path, *args)
     run_train(tmp_path, *args, "--overwrite=True")
     assert [r["stage"] for r in read_metrics(tmp_path)].count("final") == 1
+    stale = tmp_path / "stale"  # settings and log of a run stopped before any checkpoint: cleared
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    (stale / "metrics.jsonl").write_text('{"stage": "sft", "step": 1}\n')
+    run_train(stale, *args)
+    assert read_metrics(stale)[0]["stage"] == "dpo"
 
 
 def test_guard_rules_by_hand(tmp_path):

@@ -271,7 +271,8 @@ def check_device(device):
 
 def prepare_out_dir(cfg, master, ddp):
     """out_dir exists and can be written, and holds one run: a new run stops rather than write over
-    another run's files unless --overwrite=True (which deletes them); a resumed run needs them."""
+    another run's checkpoints or results unless --overwrite=True (which deletes them); a resumed run
+    needs them. The settings and log of a run that left neither are cleared without asking."""
     d = cfg.out_dir
     if os.path.exists(d) and not os.path.isdir(d):
         sys.exit(f"--out_dir={d} is a file, not a folder")
@@ -289,10 +290,10 @@ def prepare_out_dir(cfg, master, ddp):
         if "ref.pt" not in found and "sft.pt" not in found:
             sys.exit(f"--init_from=resume: {d} holds no run to continue (no ref.pt or sft.pt)")
         return
-    if found and not cfg.overwrite:
+    if not cfg.overwrite and any(f.endswith(".pt") or f == "eval.json" for f in found):
         sys.exit(f"{d} holds another run's files ({', '.join(found)}): add --overwrite=True to replace them, "
                  f"--init_from=resume to continue that run, or choose another --out_dir")
-    if found and os.path.abspath(os.path.dirname(cfg.init_from) or ".") == os.path.abspath(d):
+    if found and os.path.isfile(cfg.init_from) and os.path.abspath(os.path.dirname(cfg.init_from)) == os.path.abspath(d):
         sys.exit(f"--init_from={cfg.init_from} lies in the out_dir that --overwrite=True would clear; copy it elsewhere")
     if ddp:
         dist.barrier()  # every rank has looked before rank 0 deletes
@@ -459,7 +460,6 @@ def resume_point(cfg, run, data):
     path = next(os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "sft.pt", "ref.pt")
                 if os.path.isfile(os.path.join(cfg.out_dir, f)))
     ck = or_exit(load_checkpoint, path)
-    ck.setdefault("stage", "ref")
     saved, ref_path = ck.get("config", {}), os.path.join(cfg.out_dir, "ref.pt")
     ref_sha = ck["sha256"] if path == ref_path else or_exit(load_checkpoint, ref_path)["sha256"] if ck.get("reference") else None
     diff = [f"--{k}={getattr(cfg, k)!r} (the run has {saved.get(k)!r})" for k in CONFIG
@@ -473,11 +473,12 @@ def resume_point(cfg, run, data):
     iters = dict(dpo=cfg.dpo_iters, rm=cfg.rm_iters, ppo=cfg.ppo_iters, sft=cfg.sft_iters).get(ck["stage"])
     if iters is not None and ck["step"] > iters:
         sys.exit(f"--init_from=resume: {path} is at {ck['stage']} step {ck['step']}, past the {iters} asked for: "
-                 f"pass a larger --{dict(rm='rm', sft='sft').get(ck['stage'], ck['stage'])}_iters")
+                 f"pass a larger --{ck['stage']}_iters")
     if run.master:  # the settings the run now continues with
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(vars(cfg), f, indent=1)
-    print0(f"resuming from {path} ({ck['stage']} step {ck.get('step', 0)})")
+    print0(f"resuming from {path}: " + ("SFT is done; training starts at step 1, no checkpoint of it was written"
+                                        if ck["stage"] == "ref" else f"{ck['stage']} step {ck['step']}"))
     return ck, ref_sha
 
 
