@@ -376,8 +376,9 @@ class Batches:
 
     With `lengths` (one per example) and group > 1, the epoch's permutation is
     then cut into runs of `group` steps, each run sorted by length and cut into
-    steps, and the steps shuffled: a batch holds examples of similar length
-    (little padding) and still comes at a random point. A step is `step_items`
+    steps, each step shuffled within itself and the steps shuffled: a batch
+    holds examples of similar length (little padding) and still comes at a
+    random point. A step is `step_items`
     examples (default one global batch; with gradient accumulation, all the
     micro-batches of an optimizer step), so one process accumulating k batches
     sees exactly what k processes see in one.
@@ -414,6 +415,8 @@ class Batches:
         n, run = self.epoch_items, self.group * unit  # the tail stays last
         order[:n] = [i for a in range(0, n, run) for i in sorted(order[a:min(a + run, n)], key=self.lengths.__getitem__)]
         steps = [order[a:a + unit] for a in range(0, n, unit)]
+        for step in steps:  # no rank or micro-batch always gets a step's shortest rows
+            rng.shuffle(step)
         rng.shuffle(steps)
         return [i for b in steps for i in b] + order[n:]
 

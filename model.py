@@ -428,7 +428,7 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np
 def save_safetensors(path, tensors):
     """Write a .safetensors file (the layout load_safetensors reads), atomically."""
     names = {v: k for k, v in _ST_DTYPES.items()}
-    header, blobs, offset = {}, [], 0
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0  # transformers reads the format
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
         raw = t.reshape(-1).view(torch.int16 if t.dtype == torch.bfloat16 else t.dtype).numpy().tobytes()

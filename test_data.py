@@ -301,10 +301,11 @@ def test_batches_determinism_resume_and_rank_sharding():
 
 def test_length_grouped_batches_pad_little_and_stay_exact():
     """103 examples of random lengths 1..400, global batch 8 (12 batches an epoch, the last 7 examples
-    dropped), runs of 3 batches sorted by length. Each epoch still visits 96 distinct examples; each
-    global batch is sorted by length (cut from a sorted run); the stream is deterministic, continues
-    exactly from a state_dict, and 2 ranks of 4 concatenated equal one process of 8. The padded
-    length summed over batches (8 x the longest of each) falls below a plain shuffle's."""
+    dropped), runs of 3 batches sorted by length. Each epoch still visits 96 distinct examples; the
+    stream is deterministic, continues exactly from a state_dict, and 2 ranks of 4 concatenated equal
+    one process of 8. The padded length summed over batches (8 x the longest of each) falls below 0.8
+    of a plain shuffle's. A step is shuffled within itself: rank 0's half is not always the shorter
+    (it would be in all 24 steps if steps were left sorted)."""
     rng = random.Random(0)
     lengths = [rng.randint(1, 400) for _ in range(103)]
     ex = list(range(103))
@@ -313,7 +314,7 @@ def test_length_grouped_batches_pad_little_and_stay_exact():
     a = stream(make(), 24)
     assert a == stream(make(), 24)
     assert len(set(i for b in a[:12] for i in b)) == 96 and len(set(i for b in a[12:] for i in b)) == 96
-    assert all([lengths[i] for i in b] == sorted(lengths[i] for i in b) for b in a)
+    assert 6 <= sum(sum(lengths[i] for i in b[:4]) < sum(lengths[i] for i in b[4:]) for b in a) <= 18
     g, h = make(), make()
     stream(g, 17)
     h.load_state_dict(g.state_dict())

@@ -682,12 +682,14 @@ def test_resume_refuses_another_run(tiny_run, small_file, tmp_path):
 
 def test_resume_before_the_first_checkpoint_and_with_nothing(tiny_run, tmp_path):
     """Killed after ref.pt but before DPO's first ckpt.pt: resume starts DPO at step 1 from ref.pt
-    (no traceback). An out_dir with no run in it: a one-line refusal."""
+    (no traceback) and, with dropout 0.1, repeats the first run's losses exactly: ref.pt carries the
+    RNG state SFT left. An out_dir with no run in it: a one-line refusal."""
     out = tmp_path / "run"
-    run_train(out, f"--init_from={tiny_run[0]}/ref.pt", *FAST, "--dpo_iters=2")
+    run_train(out, f"--init_from={tiny_run[0]}/ref.pt", "--sft_iters=2", *FAST[1:], "--dpo_iters=2", "--dropout=0.1")
     os.remove(out / "ckpt.pt")
-    run_train(out, *FAST, "--dpo_iters=2", "--init_from=resume")
-    assert [r["step"] for r in read_metrics(out) if r["stage"] == "dpo"] == [1, 2, 1, 2]
+    run_train(out, "--init_from=resume")
+    dpo = [r for r in read_metrics(out) if r["stage"] == "dpo"]
+    assert [r["step"] for r in dpo] == [1, 2, 1, 2] and [r["loss"] for r in dpo[:2]] == [r["loss"] for r in dpo[2:]]
     with pytest.raises(SystemExit, match=r"holds no run to continue \(no ref.pt or sft.pt\)"):
         run_train(tmp_path / "empty", "--init_from=resume")
 

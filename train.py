@@ -40,7 +40,7 @@ CONFIG = dict(
     tokenizer=("bytes", "'bytes', a tiktoken name such as 'gpt2' (downloaded once), or a local .tiktoken ranks file"),
     val_fraction=(0.05, "share of a preference file's prompts held out for evaluation"),
     min_prompt_tokens=(8, "truncation keeps at least this many prompt tokens before it cuts responses"),
-    length_group=(50, "preference files: SFT and DPO batches come from runs of this many batches sorted by "
+    length_group=(50, "preference files: SFT and DPO steps come from runs of this many optimizer steps sorted by "
                       "length, so each pads little (0: plain shuffled batches; the reviews task always uses 0)"),
     # model
     init_from=("scratch", "'scratch', 'resume' (out_dir/ckpt.pt), a checkpoint .pt, or a Hugging Face GPT-2 folder"),
@@ -67,8 +67,8 @@ CONFIG = dict(
     optimizer=("adamw", "'adamw' or 'rmsprop' (the DPO paper's)"),
     weight_decay=(0.0, "AdamW weight decay on matrices"),
     grad_clip=(1.0, "clip the gradient norm to this (0: off)"),
-    diverge=(100.0, "stop a stage whose loss passes this many times max(its first loss, 1), or whose weights' "
-                    "norm more than doubles in one step (0: only non-finite values stop it)"),
+    diverge=(100.0, "stop a stage whose loss passes this many times max(its first loss, 1) (SFT, DPO, reward "
+                    "model), or whose weights' norm more than doubles in one step (0: only non-finite values stop it)"),
     method=("dpo", "'dpo'; 'preferred_ft' (likelihood of the chosen only); RLHF: 'reward_model', then 'ppo'"),
     beta=(1.0, "strength of the KL anchor to the reference: small beta lets the policy move further"),
     loss_type=("sigmoid", f"one of {LOSS_TYPES}"),
@@ -131,7 +131,8 @@ NON_NEGATIVE = ("sft_iters", "dpo_iters", "warmup_iters", "sft_warmup_iters", "s
 # what a resumed run may change; every other setting must be the one the run was started with
 MAY_CHANGE = ("init_from", "dpo_iters", "rm_iters", "ppo_iters", "stop_at", "eval_interval", "ckpt_interval",
               "log_interval", "sft_log_interval", "eval_pairs", "eval_samples", "show_samples", "score_batch_size",
-              "sample_batch_size", "device", "threads", "compile", "grad_checkpoint", "overwrite", "prompt", "export")
+              "sample_batch_size", "device", "threads", "compile", "grad_checkpoint", "overwrite", "prompt", "export",
+              "out_dir", "data", "tokenizer")  # data and tokenizer: another path to the same bytes (checked)
 RUN_FILES = ("ref.pt", "sft.pt", "ckpt.pt", "config.json", "metrics.jsonl", "eval.json")
 METHODS = ("dpo", "preferred_ft", "reward_model", "ppo")
 
@@ -293,7 +294,7 @@ def prepare_out_dir(cfg, master, ddp):
     if not cfg.overwrite and any(f.endswith(".pt") or f == "eval.json" for f in found):
         sys.exit(f"{d} holds another run's files ({', '.join(found)}): add --overwrite=True to replace them, "
                  f"--init_from=resume to continue that run, or choose another --out_dir")
-    if found and os.path.isfile(cfg.init_from) and os.path.abspath(os.path.dirname(cfg.init_from)) == os.path.abspath(d):
+    if os.path.basename(cfg.init_from) in found and os.path.abspath(os.path.dirname(cfg.init_from)) == os.path.abspath(d):
         sys.exit(f"--init_from={cfg.init_from} lies in the out_dir that --overwrite=True would clear; copy it elsewhere")
     if ddp:
         dist.barrier()  # every rank has looked before rank 0 deletes
@@ -310,14 +311,17 @@ def or_exit(fn, *args, **kw):
         sys.exit(f"error: {e}")
 
 
-STOP = []  # signals received; the training loops check it after every step
+STOP = []  # (signal, time) of the stop request; the training loops check it after every step
 
 
 def on_signal(signum, frame):
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's): finish the step, checkpoint, exit. Twice: at once."""
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's): finish the step, checkpoint, exit. A second signal
+    stops at once, unless it comes within 2 s of the first: torchrun relays the one it received."""
     if STOP:
-        raise KeyboardInterrupt
-    STOP.append(signum)
+        if time.time() - STOP[0][1] > 2:
+            raise KeyboardInterrupt
+        return
+    STOP.append((signum, time.time()))
     print0(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint and exit (again: stop at once)")
 
 
@@ -330,8 +334,10 @@ def stop_requested(run):
     return flag.item() > 0
 
 
-def exit_for_signal(cfg, stage, step):
-    signum = STOP[0] if STOP else signal.SIGTERM
+def exit_for_signal(cfg, run, stage, step):
+    if run.ddp:
+        dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has saved
+    signum = STOP[0][0] if STOP else signal.SIGTERM
     print0(f"stopped by {signal.Signals(signum).name} at {stage} step {step}, checkpoint written. "
            f"Continue with: python train.py --init_from=resume --out_dir={cfg.out_dir}")
     sys.exit(128 + signum)
@@ -372,9 +378,9 @@ def tokenize(cfg, run, data, block):
     which keep their end and leave room for max_new_tokens."""
     tok = lambda pairs: D.tokenize_pairs(pairs, data.enc, block, cfg.min_prompt_tokens, verbose=run.master)
     data.train, data.val = tok(data.train_pairs), tok(data.val_pairs)[:cfg.eval_pairs]
-    if len(data.train) < cfg.batch_size * run.world or not data.val:
+    if len(data.train) < cfg.batch_size * cfg.grad_accum or not data.val:
         sys.exit(f"{cfg.data}: {len(data.train)} training and {len(data.val)} held-out pairs fit block_size {block}: "
-                 f"too few for one batch of --batch_size={cfg.batch_size} x {run.world} processes and one held-out pair")
+                 f"too few for one step of --batch_size={cfg.batch_size} x --grad_accum={cfg.grad_accum} and one held-out pair")
     data.room = block - cfg.max_new_tokens
     data.eval_ids = [prompt_ids(data.enc, p, data.room) for p in data.eval_prompts]
 
@@ -445,8 +451,9 @@ def save_state(cfg, run, data, stage, model, optimizer, step, data_state, **extr
     needs to continue, and what it must continue with: settings, input files, processes, reference."""
     path = os.path.join(cfg.out_dir, "sft.pt" if stage == "sft" else "ckpt.pt")
     rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if run.dev_type == "cuda" else [])
-    or_exit(save_checkpoint, path, model, stage=stage, optimizer=optimizer.state_dict(), step=step, data=data_state,
-            rng=rng, config=dict(vars(cfg)), inputs=data.inputs, world=run.world, reference=run.ref_sha256, **extra)
+    if run.master:  # every rank holds the same weights; one writes, every rank knows what was written
+        or_exit(save_checkpoint, path, model, stage=stage, optimizer=optimizer.state_dict(), step=step, data=data_state,
+                rng=rng, config=dict(vars(cfg)), inputs=data.inputs, world=run.world, reference=run.ref_sha256, **extra)
     return f"{path} ({stage} step {step})"
 
 
@@ -584,6 +591,7 @@ def sft(cfg, run, policy, data, resumed):
         loader.load_state_dict(state["sft"])
         last = f"{cfg.out_dir}/sft.pt (sft step {step})"
     guard = Guard(cfg, run, "sft", [policy], last)
+    guard.first_loss = None if resumed is None else resumed["first_loss"]  # the rule's scale survives a resume
     policy.train()
     while step < cfg.sft_iters:
         lr = lr_at(step, cfg.sft_lr, cfg.sft_warmup_iters, cfg.sft_iters, cosine=True)
@@ -602,10 +610,10 @@ def sft(cfg, run, policy, data, resumed):
             run.log(dict(stage="sft", step=step, nll=loss.item(), lr=lr, elapsed=time.time() - run.t_start))
         stop = stop_requested(run)
         if (step % cfg.ckpt_interval == 0 and step < cfg.sft_iters) or stop:  # at the end, ref.pt instead
-            if run.master:
-                guard.last_ckpt = save_state(cfg, run, data, "sft", policy, optimizer, step, dict(sft=loader.state_dict()))
+            guard.last_ckpt = save_state(cfg, run, data, "sft", policy, optimizer, step, dict(sft=loader.state_dict()),
+                                         first_loss=guard.first_loss)
             if stop:
-                exit_for_signal(cfg, "sft", step)
+                exit_for_signal(cfg, run, "sft", step)
 
 
 def load_reference(cfg, run, path):
@@ -781,6 +789,7 @@ def dpo(cfg, run, data, model, reference, train_ref, val_ref, resumed):
             src.online = state["online_stats"]
         last = f"{cfg.out_dir}/ckpt.pt ({stage} step {step})"
     guard = Guard(cfg, run, stage, [model], last)
+    guard.first_loss = None if resumed is None else resumed["first_loss"]
     wrapped = DDP(model) if run.ddp else model  # what the forward passes go through
     wrapped = torch.compile(wrapped) if cfg.compile else wrapped
     last_step = min(iters, cfg.stop_at or iters)
@@ -817,13 +826,13 @@ def dpo(cfg, run, data, model, reference, train_ref, val_ref, resumed):
         if run.master and (step % cfg.eval_interval == 0 or step == last_step):
             held_out_eval(cfg, run, data, model, val_ref, step)
         stop = stop_requested(run)
-        if run.master and (step % cfg.ckpt_interval == 0 or step == last_step or stop):
+        if step % cfg.ckpt_interval == 0 or step == last_step or stop:
             state = dict(pairs=src.pairs.state_dict())
             if cfg.online:
                 state.update(prompts=src.prompts.state_dict(), online_stats=dict(src.online))
-            guard.last_ckpt = save_state(cfg, run, data, stage, model, optimizer, step, state)
+            guard.last_ckpt = save_state(cfg, run, data, stage, model, optimizer, step, state, first_loss=guard.first_loss)
         if stop:
-            exit_for_signal(cfg, stage, step)
+            exit_for_signal(cfg, run, stage, step)
         t_log += time.time() - t_aside
         t_loop += time.time() - t_aside
     return step
@@ -949,7 +958,7 @@ def ppo(cfg, run, data, policy, reference, val_ref, resumed):
                                          value=value.state_dict(), value_optimizer=optimizers[1].state_dict(),
                                          kl_controller=kl_ctl.state_dict() if kl_ctl else None)
         if stop:
-            exit_for_signal(cfg, "ppo", step)
+            exit_for_signal(cfg, run, "ppo", step)
     return step
 
 
@@ -1083,12 +1092,14 @@ def main(argv):
             sft(cfg, run, policy, data, resumed)
         if run.master:
             run.ref_sha256 = or_exit(save_checkpoint, ref_path, policy, stage="ref", config=dict(vars(cfg)),
-                                     inputs=data.inputs, world=run.world)
+                                     inputs=data.inputs, world=run.world, rng=torch.get_rng_state())
             if os.path.exists(os.path.join(cfg.out_dir, "sft.pt")):
                 os.remove(os.path.join(cfg.out_dir, "sft.pt"))  # SFT's state, done with
         if run.ddp:
             dist.barrier()  # the other ranks load it next
         resumed = None
+    elif resumed["stage"] == "ref":  # stopped before training's first checkpoint: its RNG where SFT left it
+        torch.set_rng_state(resumed["rng"])
     reference = load_reference(cfg, run, ref_path)
     val_ref = score_pairs(cfg, run, reference, data.val, data.eot)[:2]
     if cfg.eval_only:
