@@ -427,12 +427,15 @@ def reward_model_judge(path, enc, run):
 
 def build_policy(cfg, run, enc, resumed):
     """The model DPO starts from (and SFT trains first): new, loaded, or the resumed run's own."""
-    if cfg.init_from == "scratch" and resumed is None:
+    if resumed is not None:  # the run's shape; the weights of a checkpoint are restored by its stage
+        model = GPT(GPTConfig(**{**resumed["model_args"], "dropout": cfg.dropout}))
+        if resumed["stage"] == "ref":
+            model.load_state_dict(resumed["model"])
+    elif cfg.init_from == "scratch":
         model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size or 256, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
-    else:  # resumed: the reference once SFT is done; during SFT sft.pt, whose weights sft() restores
-        path = cfg.init_from if resumed is None else os.path.join(cfg.out_dir, "sft.pt" if resumed["stage"] == "sft" else "ref.pt")
-        model = or_exit(load_model, path, "cpu", cfg.dropout)
+    else:
+        model = or_exit(load_model, cfg.init_from, "cpu", cfg.dropout)
         if cfg.block_size and cfg.block_size != model.config.block_size:
             or_exit(model.crop_block_size, cfg.block_size)  # longer than the model's: refused, it has no positions there
     model.grad_checkpoint = cfg.grad_checkpoint
@@ -467,8 +470,11 @@ def resume_point(cfg, run, data):
     path = next(os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "sft.pt", "ref.pt")
                 if os.path.isfile(os.path.join(cfg.out_dir, f)))
     ck = or_exit(load_checkpoint, path)
-    saved, ref_path = ck.get("config", {}), os.path.join(cfg.out_dir, "ref.pt")
-    ref_sha = ck["sha256"] if path == ref_path else or_exit(load_checkpoint, ref_path)["sha256"] if ck.get("reference") else None
+    saved, ref_path, ref_sha = ck.get("config", {}), os.path.join(cfg.out_dir, "ref.pt"), None
+    if path == ref_path:
+        ref_sha = ck["sha256"]
+    elif ck.get("reference"):  # a training checkpoint names the reference it trained against
+        ref_sha = or_exit(load_checkpoint, ref_path)["sha256"]
     diff = [f"--{k}={getattr(cfg, k)!r} (the run has {saved.get(k)!r})" for k in CONFIG
             if k not in MAY_CHANGE and saved.get(k) != getattr(cfg, k)]
     diff += [f"the {k} file's content" for k, v in data.inputs.items() if ck.get("inputs", {}).get(k) != v]
@@ -535,9 +541,9 @@ class Guard:
     that big means a learning rate far too high). Otherwise the run stops before anything of the
     step is saved, naming the last checkpoint written: written from weights that passed these checks."""
 
-    def __init__(self, cfg, run, stage, models, last_ckpt):
+    def __init__(self, cfg, run, stage, models, last_ckpt, first_loss=None):
         self.diverge, self.run, self.stage, self.models, self.last_ckpt = cfg.diverge, run, stage, models, last_ckpt
-        self.first_loss, self.norm = None, self.weight_norm()
+        self.first_loss, self.norm = first_loss, self.weight_norm()  # first_loss: a resumed stage's scale
 
     def weight_norm(self):
         return torch.stack([p.detach().float().norm() for m in self.models for p in m.parameters()]).norm().item()
@@ -590,8 +596,7 @@ def sft(cfg, run, policy, data, resumed):
         step, state = restore_state(policy, optimizer, resumed)
         loader.load_state_dict(state["sft"])
         last = f"{cfg.out_dir}/sft.pt (sft step {step})"
-    guard = Guard(cfg, run, "sft", [policy], last)
-    guard.first_loss = None if resumed is None else resumed["first_loss"]  # the rule's scale survives a resume
+    guard = Guard(cfg, run, "sft", [policy], last, None if resumed is None else resumed["first_loss"])
     policy.train()
     while step < cfg.sft_iters:
         lr = lr_at(step, cfg.sft_lr, cfg.sft_warmup_iters, cfg.sft_iters, cosine=True)
@@ -650,9 +655,8 @@ def score(cfg, run, model, seqs, eot):
             else:
                 out.append([x.float() for x in response_logps(model, ids, mask)])
     model.train(was_training)
-    inverse = torch.empty(len(seqs), dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(seqs))
-    return [torch.cat(x)[inverse.to(run.device)] for x in zip(*out)]
+    where = torch.tensor(order, device=run.device)  # sorted row k is input sequence order[k]
+    return [torch.empty_like(x).index_copy_(0, where, x) for x in map(torch.cat, zip(*out))]
 
 
 def score_pairs(cfg, run, model, pairs, eot):
@@ -788,8 +792,7 @@ def dpo(cfg, run, data, model, reference, train_ref, val_ref, resumed):
             src.prompts.load_state_dict(state["prompts"])
             src.online = state["online_stats"]
         last = f"{cfg.out_dir}/ckpt.pt ({stage} step {step})"
-    guard = Guard(cfg, run, stage, [model], last)
-    guard.first_loss = None if resumed is None else resumed["first_loss"]
+    guard = Guard(cfg, run, stage, [model], last, None if resumed is None else resumed["first_loss"])
     wrapped = DDP(model) if run.ddp else model  # what the forward passes go through
     wrapped = torch.compile(wrapped) if cfg.compile else wrapped
     last_step = min(iters, cfg.stop_at or iters)
@@ -1100,11 +1103,11 @@ def main(argv):
         resumed = None
     elif resumed["stage"] == "ref":  # stopped before training's first checkpoint: its RNG where SFT left it
         torch.set_rng_state(resumed["rng"])
+        resumed = None  # nothing past SFT to restore
     reference = load_reference(cfg, run, ref_path)
     val_ref = score_pairs(cfg, run, reference, data.val, data.eot)[:2]
     if cfg.eval_only:
         return eval_only(cfg, run, data, policy, reference, val_ref)
-    resumed = resumed if resumed is not None and resumed["stage"] != "ref" else None  # nothing past SFT to restore
     reward_model = ScalarGPT.from_model(policy) if cfg.method == "reward_model" else None
     if cfg.method == "ppo":           # RLHF step 3
         step = ppo(cfg, run, data, policy, reference, val_ref, resumed)
