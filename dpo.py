@@ -115,26 +115,69 @@ def sequence_logps(logits, ids, mask):
     return torch.where(scored, token_logps, 0.0).sum(1), scored.sum(1)
 
 
+def response_token_logps(model, ids, mask):
+    """Log-probability of each response token, (N,) for the N True entries of mask[:, 1:], in
+    row-major order. Only the N positions that predict a response token go through lm_head, the
+    C x V matmul that is the costliest layer for GPT-2's V = 50257, so the (B, T, V) logits of prompt
+    and padding are never made; cross_entropy is -log_softmax followed by the gather of the target."""
+    scored = torch.zeros_like(mask)
+    scored[:, :-1] = mask[:, 1:]                   # position t-1 predicts response token t
+    logits = model(ids, select=scored)             # (N, V), rows in row-major order of `scored`
+    return -F.cross_entropy(logits.float(), ids[:, 1:][mask[:, 1:]], reduction="none")  # (N,)
+
+
 def response_logps(model, ids, mask):
     """The same quantity as sequence_logps(model(ids), ids, mask) (tested: values and gradients),
-    computed the way training needs it fast: only the N positions that predict a response token
-    go through lm_head, the C x V matmul that is the costliest layer for GPT-2's V = 50257, so
-    the (B, T, V) logits of prompt and padding are never made. cross_entropy is -log_softmax
-    followed by the gather of the target's entry; index_add sums each row's values."""
-    B = ids.shape[0]
-    scored = torch.zeros_like(mask)
-    scored[:, :-1] = mask[:, 1:]                      # position t-1 predicts response token t
-    logits = model(ids, select=scored)             # (N, V), rows in row-major order of `scored`
-    nll = F.cross_entropy(logits.float(), ids[:, 1:][mask[:, 1:]], reduction="none")  # (N,)
-    rows = scored.nonzero()[:, 0]
-    logps = torch.zeros(B, dtype=nll.dtype, device=nll.device).index_add(0, rows, -nll)
+    computed the way training needs it fast, from response_token_logps; index_add sums each row's values."""
+    tok = response_token_logps(model, ids, mask)
+    rows = mask[:, 1:].nonzero()[:, 0]
+    logps = torch.zeros(ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
     return logps, mask[:, 1:].sum(1)
 
 
-def concatenated_logps(model, ids, mask):
+def concatenated_logps(model, ids, mask, with_tokens=False):
     """Chosen and rejected in ONE forward pass. ids/mask (2B, T): rows [0, B) are prompt+chosen,
     rows [B, 2B) prompt+rejected. One call instead of two: half the kernel launches, and matmuls
-    twice as tall, which run closer to the hardware's peak. Returns (chosen, rejected, n_c, n_r)."""
-    logps, n = response_logps(model, ids, mask)
+    twice as tall, which run closer to the hardware's peak. Returns (chosen, rejected, n_c, n_r),
+    and with_tokens=True appends response_token_logps' (N,) per-token values (for unlikelihood)."""
+    tok = response_token_logps(model, ids, mask)
+    logps = torch.zeros(ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, mask[:, 1:].nonzero()[:, 0], tok)
+    n, B = mask[:, 1:].sum(1), ids.shape[0] // 2
+    return (logps[:B], logps[B:], n[:B], n[B:]) + ((tok,) if with_tokens else ())
+
+
+# ------------------------------------------------------------------------------------------------
+# the Unlikelihood baseline of the DPO paper (its Figure 2)
+
+def rejected_after_divergence(ids, mask):
+    """(N,) bool over response_token_logps' tokens of a concatenated batch (rows [0, B) chosen,
+    [B, 2B) rejected): True at the rejected tokens from the first position where the rejected row
+    differs from its chosen one. The shared start of the two responses carries no preference, and
+    pushing it down while the likelihood term pulls it up would only make the two terms fight."""
     B = ids.shape[0] // 2
-    return logps[:B], logps[B:], n[:B], n[B:]
+    differs = (ids[B:] != ids[:B]) | (mask[B:] != mask[:B])              # (B, T)
+    after = (differs.cumsum(1) > 0) & mask[B:]                           # from the first difference on
+    penalised = torch.cat([torch.zeros_like(after), after])             # (2B, T); chosen rows never
+    return penalised[:, 1:][mask[:, 1:]]
+
+
+def unlikelihood_loss(policy_chosen_logps, chosen_lengths, rejected_token_logps, alpha):
+    """Likelihood of the chosen responses plus alpha times the unlikelihood of the rejected ones:
+        L = -sum log pi(y_w) / |y_w|  +  alpha * mean_t -log(1 - pi(y_l,t | x, y_l,<t))
+    The first term is Preferred-FT's per-token negative log-likelihood (alpha = 0 is Preferred-FT);
+    the second is token-level unlikelihood training (Welleck et al. 2019, "Neural Text Generation
+    with Unlikelihood Training", arXiv:1908.04319), applied to the rejected response's tokens
+    after it departs from the chosen one (rejected_after_divergence), averaged over those tokens.
+    This is the DPO paper's Unlikelihood baseline (Rafailov et al. 2023, Sec. 6, its baselines: maximise
+    p(y_w|x), minimise p(y_l|x), with a coefficient alpha in [0, 1] on the unlikelihood term). The
+    token form, not -log(1 - pi(y_l|x)) of the whole sequence: a sequence's probability is ~0, so
+    that term would carry no gradient. Its gradient per token is pi/(1 - pi) times d(pi), which grows
+    without bound as pi -> 1 (the instability the paper reports), so 1 - pi is floored at 1e-5, as in
+    Welleck et al.'s code. Per-token means, over the tokens of the batch, as in Preferred-FT.
+    -> (loss, its likelihood term, its unlikelihood term), the terms detached."""
+    if not 0 <= alpha:
+        raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+    nll = -policy_chosen_logps.sum() / chosen_lengths.sum()
+    one_minus_p = (-torch.expm1(rejected_token_logps)).clamp(min=1e-5)  # 1 - exp(logp), exact near p = 0
+    ul = -torch.log(one_minus_p).sum() / max(len(rejected_token_logps), 1)  # no tokens: 0, not nan
+    return nll + alpha * ul, nll.detach(), ul.detach()

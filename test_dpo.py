@@ -1,7 +1,7 @@
 """
 Tests of dpo.py, in the order of its code: the loss family (argument checks, worked cases,
 gradients), the closed-form optimum the loss is derived from (found by minimising the exact
-expected loss), and the log-probabilities the loss is made of. Every expected number is worked
+expected loss), the log-probabilities the loss is made of, and the Unlikelihood baseline. Every expected number is worked
 out by hand in the test's docstring. Run: python -m pytest -q test_dpo.py
 """
 import math
@@ -10,7 +10,8 @@ import re
 import pytest
 import torch
 
-from dpo import LOSS_TYPES, check_loss_args, concatenated_logps, dpo_loss, response_logps, sequence_logps
+from dpo import (LOSS_TYPES, check_loss_args, concatenated_logps, dpo_loss, rejected_after_divergence, response_logps,
+                 sequence_logps, unlikelihood_loss)
 from test_model import tiny_model
 
 
@@ -422,3 +423,65 @@ def test_concatenated_forward_equals_two_forwards():
     r1, nr1 = sequence_logps(m(rejected[:, :5]), rejected[:, :5], mr[:, :5])
     assert torch.allclose(c, c1, atol=1e-5) and torch.allclose(r, r1, atol=1e-5)
     assert nc.tolist() == nc1.tolist() == [2, 4] and nr.tolist() == nr1.tolist() == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------------
+# the Unlikelihood baseline
+
+def test_rejected_after_divergence_by_hand():
+    """Two pairs, prompt [1, 2]. Pair 1: chosen 3 4 5 | rejected 3 6 7 8: they part at the second
+    response token, so rejected 6 7 8 are penalised and its 3 (shared with the chosen) is not.
+    Pair 2: chosen 9 | rejected 9 10: rejected 10 stands where the chosen has ended (padding), so
+    only it counts. The (N,) result follows response_token_logps' order: the 3 + 1 chosen tokens
+    (never), then rejected rows 3 6 7 8 and 9 10."""
+    pad = 0
+    chosen = [[1, 2, 3, 4, 5, pad], [1, 2, 9, pad, pad, pad]]
+    rejected = [[1, 2, 3, 6, 7, 8], [1, 2, 9, 10, pad, pad]]
+    ids = torch.tensor(chosen + rejected)
+    lens = [3, 1, 4, 2]
+    mask = torch.tensor([[False, False] + [True] * n + [False] * (4 - n) for n in lens])
+    got = rejected_after_divergence(ids, mask).tolist()
+    assert got == [False] * 4 + [False, True, True, True] + [False, True]
+
+
+def test_unlikelihood_loss_by_hand():
+    """Chosen summed log-probs (-2, -4) over (2, 4) tokens: likelihood term 6 / 6 = 1, as in
+    Preferred-FT. Two penalised rejected tokens with p = 0.5 and 0.75: -log(1 - p) = log 2 and
+    log 4, mean 1.5 log 2. alpha 0.5: loss = 1 + 0.75 log 2 = 1.519860. Gradient on a rejected
+    token's log-prob l: alpha/M * d/dl[-log(1 - e^l)] = alpha/M * p/(1 - p) = 0.25 * (1, 3), both
+    positive, so a descent step lowers them; on each chosen log-prob -1/6. alpha 0 is Preferred-FT;
+    no penalised token gives 0 (not nan); p = 1 is floored, a finite loss -log(1e-5) = 11.5129."""
+    pc = torch.tensor([-2.0, -4.0], requires_grad=True)
+    lt = torch.tensor([math.log(0.5), math.log(0.75)], requires_grad=True)
+    loss, nll, ul = unlikelihood_loss(pc, torch.tensor([2.0, 4.0]), lt, alpha=0.5)
+    assert loss.item() == pytest.approx(1 + 0.75 * math.log(2))
+    assert nll.item() == pytest.approx(1.0) and ul.item() == pytest.approx(1.5 * math.log(2))
+    loss.backward()
+    assert lt.grad.tolist() == pytest.approx([0.25, 0.75]) and pc.grad.tolist() == pytest.approx([-1 / 6, -1 / 6])
+    assert unlikelihood_loss(pc, torch.tensor([2.0, 4.0]), lt, alpha=0.0)[0].item() == pytest.approx(1.0)
+    empty = unlikelihood_loss(pc, torch.tensor([2.0, 4.0]), torch.zeros(0), alpha=1.0)
+    assert empty[0].item() == pytest.approx(1.0) and empty[2].item() == 0.0
+    sure = unlikelihood_loss(pc, torch.tensor([2.0, 4.0]), torch.zeros(1), alpha=1.0)[2]
+    assert sure.item() == pytest.approx(-math.log(1e-5), rel=1e-4)
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        unlikelihood_loss(pc, torch.tensor([2.0, 4.0]), lt, alpha=-1.0)
+
+
+def test_penalised_token_logps_match_full_logits():
+    """concatenated_logps(with_tokens=True) returns each response token's log-prob; selecting the
+    penalised ones with rejected_after_divergence must give what the literal sequence_logps of full
+    logits gives with a mask of just those tokens (chosen rows masked out), row by row; and the
+    per-token values sum to the returned per-sequence log-probs."""
+    m = tiny_model(seed=4)
+    chosen = torch.tensor([[1, 2, 3, 4, 5, 0], [1, 2, 9, 0, 0, 0]])
+    rejected = torch.tensor([[1, 2, 3, 6, 7, 8], [1, 2, 9, 10, 0, 0]])
+    ids = torch.cat([chosen, rejected])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    c, r, _, _, tok = concatenated_logps(m, ids, mask, with_tokens=True)
+    assert tok.sum().item() == pytest.approx((c.sum() + r.sum()).item(), abs=1e-5)
+    picked = tok[rejected_after_divergence(ids, mask)]
+    only = torch.zeros_like(mask)
+    only[2, 3:6] = True  # 6 7 8
+    only[3, 3] = True    # 10
+    expected = sequence_logps(m(ids), ids, only)[0][2:]
+    assert torch.allclose(torch.stack([picked[:3].sum(), picked[3:].sum()]), expected, atol=1e-5)

@@ -144,6 +144,11 @@ def test_objective_of_each_method_by_hand():
     loss, stats = train.objective(cfg, pc, pr, nc, nr, torch.tensor([-2.5, -3.5]), torch.tensor([-3.0, -3.0]), 1)
     assert loss.item() == pytest.approx((math.log(1 + math.exp(-0.5)) + math.log(1 + math.exp(0.5))) / 2)
     assert stats[1:3].tolist() == pytest.approx([0.0, 0.0])  # mean of (0.5, -0.5), mean of (0, 0)
+    # Unlikelihood, alpha 0.5, penalised rejected tokens at p = 0.5 and 0.75: 1 + 0.5 * (log 2 + log 4) / 2
+    cfg = train.parse_config(["--method=unlikelihood", "--alpha=0.5", "--batch_size=2"])
+    ul = torch.log(torch.tensor([0.5, 0.75]))
+    loss, stats = train.objective(cfg, pc, pr, nc, nr, None, None, 2, ul)  # 2 micro-steps: half of it
+    assert loss.item() == pytest.approx((1 + 0.75 * math.log(2)) / 2) and stats[0].item() == pytest.approx(1 + 0.75 * math.log(2))
 
 
 def prefer_shorter(prompt, a, b):
@@ -468,25 +473,73 @@ def test_train_from_a_gpt2_folder(tmp_path):
         run_train(tmp_path / "run4", f"--data={tmp_path / 'nope.jsonl'}")
 
 
-@pytest.mark.parametrize("method", ["reference_free", "preferred_ft"])
-def test_first_loss_of_reference_free_and_preferred_ft(tiny_run, tmp_path, method):
+@pytest.mark.parametrize("method", ["reference_free", "preferred_ft", "unlikelihood"])
+def test_first_loss_of_reference_free_preferred_ft_and_unlikelihood(tiny_run, tmp_path, method):
     """Their first loss, computed independently on the first batch (Batches with the run's seed;
     the policy at step 1 is ref.pt; log-probs by the literal sequence_logps on full logits):
     reference-free DPO, beta 1: mean over pairs of -log sigmoid(log pi(y_w) - log pi(y_l)) (not log 2:
-    no reference is loaded); Preferred-FT: -sum log pi(y_w) / sum |y_w|, a positive NLL per token."""
+    no reference is loaded); Preferred-FT: -sum log pi(y_w) / sum |y_w|, a positive NLL per token;
+    Unlikelihood, alpha 0.5: that NLL + 0.5 * the mean of -log(1 - p) over each rejected response's
+    tokens from the first one that differs from its chosen response (found here by a plain loop)."""
     from dpo import sequence_logps
     ref = os.path.join(tiny_run[0], "ref.pt")
-    arg = "--reference_free=True" if method == "reference_free" else "--method=preferred_ft"
-    run_train(tmp_path / "run", f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=1", "--eval_samples=4", arg)
+    arg = dict(reference_free=["--reference_free=True"], preferred_ft=["--method=preferred_ft"],
+               unlikelihood=["--method=unlikelihood", "--alpha=0.5"])[method]
+    run_train(tmp_path / "run", f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=1", "--eval_samples=4", *arg)
     _, _, d = stage_inputs(tmp_path / "inputs")
     batch = [d.train[i] for i in data.Batches(list(range(len(d.train))), 8, 1337).next()]
     m = load_model(ref, "cpu")
     with torch.no_grad():
         ids, mask = data.collate(batch, d.eot)
-        lp, n = sequence_logps(m(ids), ids, mask)
+        logits = m(ids)
+        lp, n = sequence_logps(logits, ids, mask)
+        token_lp = torch.log_softmax(logits, -1)[:, :-1].gather(2, ids[:, 1:, None])[..., 0]  # (2B, T-1)
     pc, pr = lp[:8], lp[8:]
     expected = -torch.nn.functional.logsigmoid(pc - pr).mean() if method == "reference_free" else -pc.sum() / n[:8].sum()
+    if method == "unlikelihood":
+        terms = []
+        for (p, c, r), row in zip(batch, token_lp[8:]):
+            k = next((i for i in range(len(r)) if i >= len(c) or c[i] != r[i]), len(r))  # first differing token
+            terms += [-math.log(1 - math.exp(row[len(p) + i - 1].item())) for i in range(k, len(r))]  # row[t]: token t+1
+        expected = expected + 0.5 * sum(terms) / len(terms)
     assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_best_of_n_keeps_the_judges_best_of_each_prompt(tiny_run, tmp_path):
+    """best_of_n against an independent pick: the same N = 4 samples per prompt drawn again from
+    the reference with the policy's evaluation seed, scored by the task's exact reward; each pick is
+    the first of the highest-scored of its prompt's four. A whole run does no training and reports
+    the bound log 4 - 3/4 = 0.636294 as kl_bound, and no sampled kl."""
+    cfg, run, d = stage_inputs(tmp_path / "unit", "--method=best_of_n", "--best_of=4")
+    ref = load_model(os.path.join(tiny_run[0], "ref.pt"), "cpu").eval()
+    picks = train.best_of_n(cfg, run, d, ref)
+    prompts = [p for p in d.eval_ids for _ in range(4)]
+    outs = train.sample(cfg, run, ref, prompts, cfg.policy_seed + 1, d.eot)
+    rewards = [d.task["reward"](d.enc.decode(p), train.text(d, r)) for p, r in zip(prompts, outs)]
+    for i, pick in enumerate(picks):
+        group = rewards[4 * i:4 * i + 4]
+        assert pick == outs[4 * i + group.index(max(group))]
+    res = run_train(tmp_path / "run", f"--init_from={tiny_run[0]}/ref.pt", "--sft_iters=0", "--method=best_of_n", "--best_of=4")
+    assert res["kl_bound"] == pytest.approx(math.log(4) - 0.75) and "kl" not in res
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt") and os.path.exists(tmp_path / "run" / "eval.json")
+
+
+def test_policy_seed_changes_the_policy_not_the_reference(tiny_run, tmp_path):
+    """--policy_seed reseeds what follows the reference only. Default -1 means --seed: a run with
+    --policy_seed=1337 repeats the default run exactly (losses and every evaluation figure but the
+    timings). Another policy seed draws other batches (another mean chosen log-prob at step 1, where
+    every loss is log 2) and other losses at step 2, but evaluates on the same
+    held-out pairs and the same reference samples (equal reference reward, length and validity)."""
+    common = [f"--init_from={tiny_run[0]}/ref.pt", "--sft_iters=0", "--dpo_iters=2", "--eval_samples=16"]
+    runs = {name: run_train(tmp_path / name, *common, *args) for name, args in
+            (("default", []), ("same", ["--policy_seed=1337"]), ("other", ["--policy_seed=7"]))}
+    loss = {name: [(r["loss"], r["logps/chosen"]) for r in read_metrics(tmp_path / name) if r["stage"] == "dpo"] for name in runs}
+    timing = ("sample_seconds", "wall_seconds")
+    assert loss["default"] == loss["same"] and {k: v for k, v in runs["default"].items() if k not in timing} == \
+        {k: v for k, v in runs["same"].items() if k not in timing}
+    assert loss["other"][0][1] != loss["default"][0][1] and loss["other"][1][0] != loss["default"][1][0]
+    for k in ("reference_reward", "reference_mean_length", "reference_valid_fraction"):
+        assert runs["other"][k] == runs["default"][k], k
 
 
 # ------------------------------------------------------------------------------------------------
@@ -844,3 +897,67 @@ def test_score_puts_sorted_batches_back_in_order(tiny_run, tmp_path):
     alone = [train.score(cfg, run, m, [s], d.eot) for s in seqs]
     assert n.tolist() == [len(c) for _, c in seqs]
     assert lp.tolist() == pytest.approx([a[0].item() for a in alone], rel=1e-5, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# the Figure-2 sweep: its report, and a tiny dry run of the whole command
+
+def write_eval(path, **figures):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(figures, f)
+
+
+def test_frontier_report_means_spreads_and_bounds(tmp_path, capsys, monkeypatch):
+    """Two seeds of dpo-beta1 with KL 1 and 3, reward 2 and 4: mean 2.00 and 3.00, sample standard
+    deviation sqrt(((1-2)^2 + (3-2)^2) / (2-1)) = 1.41 for both. Best-of-4 shows its KL as the bound
+    log 4 - 3/4 = 0.64, without spread; the reference (all implicit rewards 0) has no held-out
+    accuracy. Rows in method order (reference, DPO, ..., Best-of-N). Without matplotlib the picture
+    is skipped with a message; with it, a PNG is written."""
+    sys.path.insert(0, os.path.join(HERE, "scripts"))
+    import frontier_report
+    base = dict(win_rate=0.5, valid_fraction=1.0, pref_accuracy=0.75, val_margin=1.0, wall_seconds=10.0)
+    write_eval(tmp_path / "dpo-beta1" / "s1" / "eval.json", **{**base, "kl": 1.0, "policy_reward": 2.0})
+    write_eval(tmp_path / "dpo-beta1" / "s2" / "eval.json", **{**base, "kl": 3.0, "policy_reward": 4.0})
+    write_eval(tmp_path / "best_of-4" / "s1" / "eval.json", **{**base, "kl_bound": math.log(4) - 0.75, "policy_reward": 1.0,
+                                                              "val_margin": 0.0})
+    write_eval(tmp_path / "reference" / "eval.json", **{**base, "kl": 0.0, "policy_reward": 0.1, "val_margin": 0.0})
+    frontier_report.main([str(tmp_path)])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and not r.startswith("| point")]
+    assert [r.split(" | ")[0] for r in rows] == ["| reference", "| dpo-beta1", "| best_of-4"]
+    assert rows[1].startswith("| dpo-beta1 | 2 | 2.00 ± 1.41 | 3.00 ± 1.41 | 0.500 ± 0.000 |")
+    assert "| ≤ 0.64 (bound) |" in rows[2] and rows[0].split(" | ")[6] == "-"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert frontier_report.plot(*frontier_report.collect(str(tmp_path))[:1], str(tmp_path / "f.png")) is False
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    monkeypatch.delitem(sys.modules, "matplotlib")
+    try:
+        import matplotlib  # noqa: F401  (optional: only to check the picture where it is installed)
+    except ImportError:
+        return
+    assert frontier_report.plot(frontier_report.collect(str(tmp_path))[0], str(tmp_path / "f.png"))
+    assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_frontier_sweep_dry_run_resumes_and_skips_finished_runs(tmp_path):
+    """scripts/frontier.sh at toy size, two runs at a time: a reference, then DPO and Best-of-2 for
+    two policy seeds, and the table. Every point has both seeds, all share the reference (equal
+    reference reward), and Best-of-2's KL is the bound log 2 - 1/2 = 0.19. Run again, it starts
+    nothing (every run has its eval.json) and prints the same table."""
+    env = dict(os.environ, SEEDS="1 2", BETAS="1", ONLINE_BETAS="", KLS="", RM_KLS="", ALPHAS="", PFT_LRS="", JOBS="2",
+               BEST_OF="2", EXTRA=" ".join(TINY + ["--sft_iters=20", "--dpo_iters=2", "--eval_samples=8"]))
+    cmd = ["bash", os.path.join(HERE, "scripts", "frontier.sh"), str(tmp_path)]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    started = [line for line in first.stdout.splitlines() if re.match(r"[\w.-]+( s\d+)?: \d+ s$", line)]
+    assert len(started) == 1 + 2 * 2  # the reference, then 2 points x 2 seeds
+    refs = {json.load(open(f))["reference_reward"] for f in
+            [tmp_path / "reference" / "eval.json", *(tmp_path / p / s / "eval.json" for p in
+             ("dpo-beta1", "best_of-2") for s in ("s1", "s2"))]}
+    assert len(refs) == 1
+    table = [line for line in first.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[:2] for r in table[1:]] == [["| reference", "1"], ["| dpo-beta1", "2"], ["| best_of-2", "2"]]
+    assert "| ≤ 0.19 (bound) |" in table[-1]
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and not [line for line in again.stdout.splitlines() if re.match(r".*: \d+ s$", line)]
+    assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table

@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as D
 import ppo as P
-from dpo import LOSS_TYPES, check_loss_args, concatenated_logps, dpo_loss, response_logps
+from dpo import (LOSS_TYPES, check_loss_args, concatenated_logps, dpo_loss, rejected_after_divergence, response_logps,
+                 unlikelihood_loss)
 from model import GPT, GPTConfig, ScalarGPT, load_checkpoint, load_model, save_checkpoint
 
 # ------------------------------------------------------------------------------------------------
@@ -69,9 +70,11 @@ CONFIG = dict(
     grad_clip=(1.0, "clip the gradient norm to this (0: off)"),
     diverge=(100.0, "stop a stage whose loss passes this many times max(its first loss, 1) (SFT, DPO, reward "
                     "model), or whose weights' norm more than doubles in one step (0: only non-finite values stop it)"),
-    method=("dpo", "'dpo'; 'preferred_ft' (likelihood of the chosen only); RLHF: 'reward_model', then 'ppo'"),
+    method=("dpo", "'dpo'; baselines: 'preferred_ft' (likelihood of the chosen only), 'unlikelihood' (and unlikelihood "
+                   "of the rejected), 'best_of_n' (no training); RLHF: 'reward_model', then 'ppo'"),
     beta=(1.0, "strength of the KL anchor to the reference: small beta lets the policy move further"),
     loss_type=("sigmoid", f"one of {LOSS_TYPES}"),
+    alpha=(0.1, "unlikelihood: weight of the term that pushes the rejected responses' tokens down"),
     label_smoothing=(0.0, "conservative DPO: assumed share of flipped labels, in [0, 0.5)"),
     reference_free=(False, "take log pi_ref = 0 (no reference model in the loss)"),
     precompute_ref=(False, "score the training set with the reference once, then drop it from memory"),
@@ -79,8 +82,10 @@ CONFIG = dict(
     online_redraws=(10, "online DPO: draws of a batch in which the judge called every pair a tie, before stopping"),
     judge=("", "module:function, judge(prompt, a, b) -> 0 (a better), 1 (b better) or None, or a reward model's "
                 "ckpt.pt; the task's own judge by default"),
+    best_of=(16, "best_of_n: responses sampled from the reference per prompt; the judge's best is kept"),
     # RLHF: a Bradley-Terry reward model (--method=reward_model), then PPO with a per-token KL penalty (--method=ppo)
-    reward_model=("", "PPO-RM: a --method=reward_model run's ckpt.pt as the score; empty: the task's exact reward (PPO-GT)"),
+    reward_model=("", "PPO-RM (and best_of_n): a --method=reward_model run's ckpt.pt as the score; empty: the task's "
+                      "exact reward (PPO-GT)"),
     rm_iters=(300, "reward model steps (batch_size pairs each)"),
     rm_lr=(1e-3, "reward model learning rate after warm-up"),
     ppo_iters=(100, "PPO iterations: sample rollout_batch responses, score them, then ppo_epochs passes of updates"),
@@ -115,26 +120,28 @@ CONFIG = dict(
     overwrite=(False, "start a new run in an out_dir that holds another run's files, deleting them"),
     ckpt_interval=(50, "training steps (SFT, DPO, reward model, PPO) between checkpoints (and one at each stage's end)"),
     stop_at=(0, "stop after this training step, with a checkpoint (0: run to the end); continue with init_from=resume"),
-    seed=(1337, "seeds data order, initialisation and sampling"),
+    seed=(1337, "seeds the task, the held-out split, the reference (SFT) and its samples"),
+    policy_seed=(-1, "seeds what follows the reference: batch order, dropout, sampling, the policy's evaluation "
+                     "samples (-1: --seed); another value trains another policy on the same data and reference"),
     device=("auto", "'auto' (cuda, then mps, then cpu), or e.g. 'cpu', 'cuda:1'"),
     dtype=("auto", "'float32' or 'bfloat16' autocast; auto: bfloat16 where the hardware has it"),
     compile=(False, "torch.compile the policy"),
     threads=(0, "CPU threads for torch (0: torch's default)"),
 )
-POSITIVE = ("n_layer", "n_embd", "batch_size", "sft_batch_size", "grad_accum", "dpo_lr", "max_new_tokens", "log_interval",
+POSITIVE = ("best_of", "n_layer", "n_embd", "batch_size", "sft_batch_size", "grad_accum", "dpo_lr", "max_new_tokens", "log_interval",
             "sft_log_interval", "eval_interval", "ckpt_interval", "eval_samples", "eval_pairs", "score_batch_size",
             "sample_batch_size", "online_redraws", "rm_iters", "rm_lr", "ppo_iters", "rollout_batch", "ppo_minibatch",
             "ppo_epochs", "ppo_lr", "clip_range_value", "kl_horizon")
 NON_NEGATIVE = ("sft_iters", "dpo_iters", "warmup_iters", "sft_warmup_iters", "sft_lr", "grad_clip", "stop_at",
                 "top_k", "temperature", "threads", "weight_decay", "kl_coef", "target_kl", "no_eos_penalty", "diverge",
-                "block_size", "length_group")
+                "block_size", "length_group", "alpha")
 # what a resumed run may change; every other setting must be the one the run was started with
 MAY_CHANGE = ("init_from", "dpo_iters", "rm_iters", "ppo_iters", "stop_at", "eval_interval", "ckpt_interval",
               "log_interval", "sft_log_interval", "eval_pairs", "eval_samples", "show_samples", "score_batch_size",
               "sample_batch_size", "device", "threads", "compile", "grad_checkpoint", "overwrite", "prompt", "export",
               "out_dir", "data", "tokenizer")  # data and tokenizer: another path to the same bytes (checked)
 RUN_FILES = ("ref.pt", "sft.pt", "ckpt.pt", "config.json", "metrics.jsonl", "eval.json")
-METHODS = ("dpo", "preferred_ft", "reward_model", "ppo")
+METHODS = ("dpo", "preferred_ft", "unlikelihood", "best_of_n", "reward_model", "ppo")
 
 
 def parse_config(argv):
@@ -181,15 +188,16 @@ def parse_config(argv):
               ("out_dir", c.out_dir != "", "a folder"),
               ("val_fraction", 0 < c.val_fraction < 1, "in (0, 1)"), ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
               ("judge", c.judge == "" or ":" in c.judge or c.judge.endswith(".pt"), "module:function or a .pt"),
-              ("reward_model", c.reward_model == "" or c.method == "ppo", "empty unless --method=ppo")]
+              ("reward_model", c.reward_model == "" or c.method in ("ppo", "best_of_n"), "empty unless --method=ppo or best_of_n")]
     checks += [(k, cfg[k] > 0, "> 0") for k in POSITIVE] + [(k, cfg[k] >= 0, ">= 0") for k in NON_NEGATIVE]
     for key, ok, want in checks:
         if not ok:
             sys.exit(f"bad value for --{key}: {cfg[key]!r} (must be {want})")
+    c.policy_seed = c.seed if c.policy_seed < 0 else c.policy_seed
     if c.online and c.precompute_ref:
         sys.exit("--precompute_ref=True needs a fixed training set; online DPO scores its fresh pairs as it goes")
     for flag in ("online", "precompute_ref", "reference_free"):
-        if c.method in ("reward_model", "ppo") and getattr(c, flag):
+        if c.method in ("reward_model", "ppo", "best_of_n") and getattr(c, flag):
             sys.exit(f"--{flag}=True is a DPO setting; it does not apply to --method={c.method}")
     if c.export and not c.eval_only:
         sys.exit("--export=DIR works with --eval_only=True (it exports the checkpoint given as --init_from)")
@@ -230,8 +238,8 @@ def setup(cfg):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         check_device(device)
-    if ddp and cfg.method in ("reward_model", "ppo"):
-        sys.exit(f"--method={cfg.method} runs in one process; torchrun (DDP) is supported for dpo and preferred_ft")
+    if ddp and cfg.method in ("reward_model", "ppo", "best_of_n"):
+        sys.exit(f"--method={cfg.method} runs in one process; torchrun (DDP) is supported for dpo, preferred_ft and unlikelihood")
     if cfg.grad_accum % world:
         sys.exit(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes ({world})")
     dev_type = device.split(":")[0]
@@ -712,22 +720,24 @@ def next_batch(cfg, run, data, policy, src, step, micro):
     precomputed reference log-probs, or fresh pairs from the policy (online)."""
     if cfg.online:
         prompts = [list(p) for p in src.prompts.next()]
-        return online_batch(cfg, run, data, policy, prompts, src.online, (cfg.seed, step, micro, run.rank)), None
+        return online_batch(cfg, run, data, policy, prompts, src.online, (cfg.policy_seed, step, micro, run.rank)), None
     idx = src.pairs.next()
     return [data.train[i] for i in idx], None if src.train_ref is None else (src.train_ref[0][idx], src.train_ref[1][idx])
 
 
-def objective(cfg, pc, pr, nc, nr, ref_c, ref_r, accum):
+def objective(cfg, pc, pr, nc, nr, ref_c, ref_r, accum, ul_logps=None):
     """A method's loss on one micro-batch of pairs, from the policy's summed log-probs pc, pr (or a
-    reward model's scores) and response lengths nc, nr. -> (loss to backpropagate, stats: the per-pair
-    loss to log, chosen and rejected (implicit) rewards, accuracy (ties count as wrong), pc, pr).
+    reward model's scores), response lengths nc, nr, and for unlikelihood the log-probs of the rejected
+    tokens it pushes down. -> (loss to backpropagate, stats: the per-pair loss to log, chosen and
+    rejected (implicit) rewards, accuracy (ties count as wrong), pc, pr).
 
     DPO family: dpo_loss, summed over pairs and divided by the pairs a full step holds, so that online
     steps with fewer pairs (ties dropped) move the weights less, not each pair more. Preferred-FT:
-    mean negative log-likelihood per token of the chosen responses. Reward model: Bradley-Terry
+    mean negative log-likelihood per token of the chosen responses; Unlikelihood adds alpha times the
+    rejected tokens' mean -log(1 - p) (dpo.unlikelihood_loss). Reward model: Bradley-Terry
     on the scores, -log sigmoid(r_w - r_l), mean over the step's pairs."""
-    if cfg.method == "preferred_ft":
-        nll = -pc.sum() / nc.sum()
+    if cfg.method in ("preferred_ft", "unlikelihood"):
+        nll = -pc.sum() / nc.sum() if ul_logps is None else unlikelihood_loss(pc, nc, ul_logps, cfg.alpha)[0]
         zero = torch.zeros_like(pc)
         rw = cfg.beta * (pc - (zero if ref_c is None else ref_c)).detach()
         rl = cfg.beta * (pr - (zero if ref_r is None else ref_r)).detach()
@@ -756,12 +766,15 @@ def dpo_step(cfg, run, data, wrapped, model, reference, src, step):
         last = not run.ddp or micro == run.accum - 1
         with nullcontext() if last else wrapped.no_sync():  # DDP all-reduces on the last micro-step only
             with run.ctx:
+                ul, ul_logps = cfg.method == "unlikelihood", None
                 if cfg.method == "reward_model":  # the scalar head at each sequence's last token
                     r = P.last_token_scores(wrapped, ids, mask)
                     pc, pr, nc, nr = r[:len(examples)], r[len(examples):], None, None
                 else:
-                    pc, pr, nc, nr = (x.float() for x in concatenated_logps(wrapped, ids, mask))
-                loss, s = objective(cfg, pc, pr, nc, nr, ref_c, ref_r, run.accum)
+                    out = [x.float() for x in concatenated_logps(wrapped, ids, mask, with_tokens=ul)]
+                    pc, pr, nc, nr = out[:4]
+                    ul_logps = out[4][rejected_after_divergence(ids, mask)] if ul else None
+                loss, s = objective(cfg, pc, pr, nc, nr, ref_c, ref_r, run.accum, ul_logps)
             loss.backward()
         stats += s / run.accum
         pairs, tokens = pairs + len(examples) * run.world, tokens + mask.numel() * run.world
@@ -778,12 +791,12 @@ def dpo(cfg, run, data, model, reference, train_ref, val_ref, resumed):
     model.train()
     optimizer = make_optimizer(cfg, model, peak_lr)
     lengths = [len(p) + max(len(c), len(r)) for p, c, r in data.train] if data.task is None else None
-    pairs = D.Batches(list(range(len(data.train))), cfg.batch_size, cfg.seed, run.rank, run.world, lengths,
+    pairs = D.Batches(list(range(len(data.train))), cfg.batch_size, cfg.policy_seed, run.rank, run.world, lengths,
                       cfg.length_group, step_items=cfg.batch_size * cfg.grad_accum)  # one optimizer step's pairs
     src = SimpleNamespace(pairs=pairs, prompts=None, online=dict(pairs=0, ties=0), train_ref=train_ref)
     if cfg.online:  # prompts keep their end and leave room to sample
         prompts = sorted({tuple(p[-data.room:]) for p, _, _ in data.train})
-        src.prompts = D.Batches(prompts, cfg.batch_size, cfg.seed, run.rank, run.world)
+        src.prompts = D.Batches(prompts, cfg.batch_size, cfg.policy_seed, run.rank, run.world)
     step, last = 0, f"{cfg.out_dir}/ref.pt (the SFT model this stage starts from)"
     if resumed is not None:
         step, state = restore_state(model, optimizer, resumed)
@@ -917,7 +930,7 @@ def ppo(cfg, run, data, policy, reference, val_ref, resumed):
     # dropout stays off in both models: the ratio pi/pi_old must compare one function at two weights
     policy.eval(), value.eval()
     optimizers = [make_optimizer(cfg, m, cfg.ppo_lr) for m in (policy, value)]
-    prompt_loader = or_exit(D.Batches, sorted({tuple(p[-data.room:]) for p, _, _ in data.train}), cfg.rollout_batch, cfg.seed)
+    prompt_loader = or_exit(D.Batches, sorted({tuple(p[-data.room:]) for p, _, _ in data.train}), cfg.rollout_batch, cfg.policy_seed)
     kl_ctl = P.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl else None
     step, last = 0, f"{cfg.out_dir}/ref.pt (the SFT model this stage starts from)"
     if resumed is not None:
@@ -936,9 +949,9 @@ def ppo(cfg, run, data, policy, reference, val_ref, resumed):
             group["lr"] = lr
         kl_coef = kl_ctl.value if kl_ctl else cfg.kl_coef
         prompts = [list(p) for p in prompt_loader.next()]
-        ep = rollout(cfg, run, data, policy, reference, value, scorer, prompts, hash((cfg.seed, step)) % 2**31, kl_coef)
+        ep = rollout(cfg, run, data, policy, reference, value, scorer, prompts, hash((cfg.policy_seed, step)) % 2**31, kl_coef)
         t0 = time.time()
-        stats = ppo_update(cfg, run, policy, value, optimizers, ep, torch.Generator().manual_seed(cfg.seed + step), guard, step + 1)
+        stats = ppo_update(cfg, run, policy, value, optimizers, ep, torch.Generator().manual_seed(cfg.policy_seed + step), guard, step + 1)
         step += 1
         rec = dict(stage="ppo", step=step, score=ep.scores.mean().item(), kl=ep.kl.mean().item(), kl_coef=kl_coef,
                    **stats, response_length=ep.lengths.mean().item(), truncated=ep.truncated.mean().item(),
@@ -1009,10 +1022,33 @@ def win_rate(verdicts):
     return sum(1.0 if w == 0 else 0.5 if w is None else 0.0 for w in verdicts) / len(verdicts)
 
 
+@torch.no_grad()
+def best_of_n(cfg, run, data, reference):
+    """The Best-of-N baseline: best_of responses per held-out prompt sampled from the reference, and
+    the one the judge scores highest kept (the first of equals): the task's exact reward, or a reward
+    model's score with --reward_model. No training; it costs N samples per prompt at inference."""
+    scorer = or_exit(load_model, cfg.reward_model, run.device, kind="ScalarGPT").eval() if cfg.reward_model else None
+    if scorer is None and data.task is None:
+        sys.exit("--method=best_of_n on a preference file needs --reward_model=<a --method=reward_model run's ckpt.pt>")
+    n, prompts = cfg.best_of, [p for p in data.eval_ids for _ in range(cfg.best_of)]  # each prompt n times in a row
+    outs = sample(cfg, run, reference, prompts, cfg.policy_seed + 1, data.eot)
+    if scorer is None:
+        scores = torch.tensor([data.task["reward"](data.enc.decode(p), text(data, r)) for p, r in zip(prompts, outs)])
+    else:
+        scores = score(cfg, run, scorer, list(zip(prompts, outs)), data.eot)[0].cpu()
+    best = scores.view(-1, n).argmax(1)  # (prompts,) the first maximum of each row
+    return [outs[i * n + k] for i, k in enumerate(best.tolist())]
+
+
 def sample_eval(cfg, run, data, policy, reference):
-    """Judge reward, win rate, KL and validity of policy samples against reference samples."""
+    """Judge reward, win rate, KL and validity of policy samples against reference samples. For
+    best_of_n the policy's samples are best_of_n's picks, and the KL is not estimated but bounded:
+    KL(best-of-N || reference) <= log N - (N-1)/N, written as kl_bound: the formula used as the KL of
+    best-of-N since Stiennon et al. 2020 (arXiv:2009.01325), shown to be an upper bound, not the value,
+    by Beirami et al. 2024 (arXiv:2401.01879, Thm. 3.1); far below it when rewards often tie."""
     t0, mean = time.time(), lambda xs: sum(xs) / len(xs)
-    pol = sample(cfg, run, policy, data.eval_ids, cfg.seed + 1, data.eot)
+    bon = cfg.method == "best_of_n"
+    pol = best_of_n(cfg, run, data, reference) if bon else sample(cfg, run, policy, data.eval_ids, cfg.policy_seed + 1, data.eot)
     res = {"policy_mean_length": mean(list(map(len, pol)))}
     pol_t, ref_t = [text(data, r) for r in pol], None
     if reference is not None:
@@ -1022,7 +1058,10 @@ def sample_eval(cfg, run, data, policy, reference):
         if cfg.temperature != 1.0 or cfg.top_k:
             print0("note: kl is measured on tempered/top-k samples, so it is not KL(pi || pi_ref)")
         seqs = list(zip(data.eval_ids, pol))
-        res["kl"] = (score(cfg, run, policy, seqs, data.eot)[0] - score(cfg, run, reference, seqs, data.eot)[0]).mean().item()
+        if bon:
+            res["kl_bound"] = math.log(cfg.best_of) - (cfg.best_of - 1) / cfg.best_of
+        else:
+            res["kl"] = (score(cfg, run, policy, seqs, data.eot)[0] - score(cfg, run, reference, seqs, data.eot)[0]).mean().item()
         res["reference_mean_length"] = mean(list(map(len, ref)))
         ref_t = [text(data, r) for r in ref]
         if data.judge is not None:
@@ -1095,21 +1134,24 @@ def main(argv):
             sft(cfg, run, policy, data, resumed)
         if run.master:
             run.ref_sha256 = or_exit(save_checkpoint, ref_path, policy, stage="ref", config=dict(vars(cfg)),
-                                     inputs=data.inputs, world=run.world, rng=torch.get_rng_state())
+                                     inputs=data.inputs, world=run.world)
             if os.path.exists(os.path.join(cfg.out_dir, "sft.pt")):
                 os.remove(os.path.join(cfg.out_dir, "sft.pt"))  # SFT's state, done with
         if run.ddp:
             dist.barrier()  # the other ranks load it next
         resumed = None
-    elif resumed["stage"] == "ref":  # stopped before training's first checkpoint: its RNG where SFT left it
-        torch.set_rng_state(resumed["rng"])
-        resumed = None  # nothing past SFT to restore
+    elif resumed["stage"] == "ref":  # stopped before training's first checkpoint: nothing past SFT to restore
+        resumed = None
+    if resumed is None and not cfg.eval_only:  # what follows the reference starts from its own seed
+        torch.manual_seed(cfg.policy_seed + run.rank)
     reference = load_reference(cfg, run, ref_path)
     val_ref = score_pairs(cfg, run, reference, data.val, data.eot)[:2]
     if cfg.eval_only:
         return eval_only(cfg, run, data, policy, reference, val_ref)
     reward_model = ScalarGPT.from_model(policy) if cfg.method == "reward_model" else None
-    if cfg.method == "ppo":           # RLHF step 3
+    if cfg.method == "best_of_n":     # no training: the reference's samples, the best of each N kept
+        step = 0
+    elif cfg.method == "ppo":         # RLHF step 3
         step = ppo(cfg, run, data, policy, reference, val_ref, resumed)
     elif reward_model is not None:    # RLHF step 2: from the SFT model, in the DPO loop
         step = dpo(cfg, run, data, reward_model, None, None, val_ref, resumed)
@@ -1122,7 +1164,7 @@ def main(argv):
             reference = None  # freed for training; loaded again for the final evaluation
         step = dpo(cfg, run, data, policy, reference, train_ref, val_ref, resumed)
     result = None
-    if run.master and step == dict(reward_model=cfg.rm_iters, ppo=cfg.ppo_iters).get(cfg.method, cfg.dpo_iters):
+    if run.master and step == dict(reward_model=cfg.rm_iters, ppo=cfg.ppo_iters, best_of_n=0).get(cfg.method, cfg.dpo_iters):
         if reference is None:
             reference = load_reference(cfg, run, ref_path)
         result = final_eval(cfg, run, data, policy if reward_model is None else reward_model, reference, val_ref)

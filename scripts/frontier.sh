@@ -1,56 +1,77 @@
 #!/usr/bin/env bash
-# The reward-vs-KL frontier on the embedded task (the DPO paper's first experiment, on a CPU):
-# one reference, then offline DPO, online DPO, Preferred-FT, PPO-GT (PPO on the task's exact
-# reward) and PPO-RM (PPO on a reward model trained here) from it, all evaluated on the same
-# held-out prompts. Prints a markdown table of every run's eval.json. A finished run (one with an
-# eval.json) is not run again, and an interrupted one is resumed, so a sweep continues where it stopped.
-#   bash scripts/frontier.sh [runs_dir]
-#   BETAS="1" ONLINE_BETAS="" PFT_LRS="" KLS="1" bash scripts/frontier.sh   # a subset
-#   REF=out/ref.pt bash scripts/frontier.sh                                  # an existing reference
+# The DPO paper's Figure 2 on the embedded task, on a CPU: judge reward against KL to the reference
+# for every method, all from one reference and evaluated on the same 256 held-out prompts:
+#   DPO over beta, online DPO over beta, PPO-GT (the task's exact reward) over kl_coef, PPO-RM (a
+#   reward model trained here), Unlikelihood over alpha, Preferred-FT, Best-of-N over N.
+# Each point runs once per policy seed (--policy_seed: batch order, sampling; the same data,
+# reference and reward model). A finished run (one with an eval.json) is not run again and an
+# interrupted one is resumed, so the sweep continues where it stopped. Then the table, and the
+# picture if matplotlib is installed (scripts/frontier_report.py).
+#   bash scripts/frontier.sh [runs_dir]                       # everything, SEEDS="1337 1338 1339"
+#   SEEDS=1337 bash scripts/frontier.sh                        # one seed
+#   BETAS="1" ONLINE_BETAS="" KLS="" RM_KLS="" bash scripts/frontier.sh    # a subset ("" skips a method)
+#   JOBS=2 bash scripts/frontier.sh                            # two runs at a time, one thread each
+#   EXTRA="--dpo_iters=20" bash scripts/frontier.sh            # settings added to every run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-runs/frontier}
-betas=${BETAS-"0.1 0.5 1 2 4"}
-online_betas=${ONLINE_BETAS-"$betas"}
-lrs=${PFT_LRS-"3e-5 1e-4 3e-4"}
-kls=${KLS-"0.5 1 2"}
+seeds=${SEEDS-"1337 1338 1339"}
+betas=${BETAS-"0.5 1 2"}
+online_betas=${ONLINE_BETAS-"1 2"}
+kls=${KLS-"0.5 1"}
+rm_kls=${RM_KLS-"1"}
+alphas=${ALPHAS-"0.01 0.1"}
+lrs=${PFT_LRS-"1e-4"}
+ns=${BEST_OF-"2 4 16 64"}
+jobs=${JOBS-1}
+read -r -a extra <<< "${EXTRA-}"
+threads=()  # the reference trains alone, on every core
 mkdir -p "$runs"
 t0=$(date +%s)
-run() {
-  local name=$1; shift
-  [ -f "$runs/$name/eval.json" ] && return
-  local t=$(date +%s)
-  if [ -f "$runs/$name/ref.pt" ] || [ -f "$runs/$name/sft.pt" ]; then  # interrupted: continue it
-    python train.py --out_dir="$runs/$name" --init_from=resume >> "$runs/$name.log"
-  else                                                           # new, or stopped before any checkpoint
-    python train.py --out_dir="$runs/$name" --overwrite=True --show_samples=0 "$@" > "$runs/$name.log"
+failed=0
+
+run() {  # run NAME OUT_DIR ARGS...: one training run, resumed if it was interrupted, skipped if done
+  local name=$1 out=$2; shift 2
+  [ -f "$out/eval.json" ] && return 0
+  local t=$(date +%s) rc=0
+  mkdir -p "$(dirname "$out")"
+  if [ -f "$out/ref.pt" ] || [ -f "$out/sft.pt" ]; then
+    python train.py --out_dir="$out" --init_from=resume "${threads[@]}" >> "$out.log" 2>&1 || rc=$?
+  else
+    python train.py --out_dir="$out" --overwrite=True --show_samples=0 "$@" "${extra[@]}" "${threads[@]}" > "$out.log" 2>&1 || rc=$?
   fi
+  if [ $rc -ne 0 ]; then echo "$name: FAILED (exit $rc), see $out.log"; return $rc; fi
   echo "$name: $(( $(date +%s) - t )) s"
 }
-if [ -z "${REF:-}" ]; then                           # REF=path/to/ref.pt reuses a reference
-  run reference --dpo_iters=0                        # SFT only: the reference, evaluated against itself
+
+spawn() {  # spawn NAME OUT_DIR ARGS...: run in the background, at most $jobs at once
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || failed=1; done
+  run "$@" &
+}
+
+# the shared parts: the reference (SFT), then the reward model PPO-RM scores with
+if [ -z "${REF:-}" ]; then
+  run reference "$runs/reference" --dpo_iters=0 || exit 1  # evaluated against itself: the KL-0 point
   REF=$runs/reference/ref.pt
 fi
-ref="--init_from=$REF --sft_iters=0"
-for b in $betas; do run "dpo-beta$b" $ref --beta=$b; done
-for b in $online_betas; do run "online-beta$b" $ref --beta=$b --online=True; done
-for lr in $lrs; do run "preferred_ft-lr$lr" $ref --method=preferred_ft --dpo_lr=$lr; done
-for k in $kls; do run "ppo_gt-kl$k" $ref --method=ppo --kl_coef=$k; done
-if [ -n "$kls" ]; then
-  run reward_model $ref --method=reward_model
-  run ppo_rm-kl1 $ref --method=ppo --reward_model="$runs/reward_model/ckpt.pt"
-fi
+if [ "$jobs" -gt 1 ]; then threads=(--threads=1); fi
+ref=(--init_from="$REF" --sft_iters=0)
+if [ -n "$rm_kls" ]; then spawn reward_model "$runs/reward_model" "${ref[@]}" --method=reward_model; rm_pid=$!; fi
+
+for s in $seeds; do  # the longest runs first, so that JOBS=2 does not end on one long run alone
+  p=(--policy_seed="$s")
+  for k in $kls; do spawn "ppo_gt-kl$k s$s" "$runs/ppo_gt-kl$k/s$s" "${ref[@]}" "${p[@]}" --method=ppo --kl_coef="$k"; done
+  if [ -n "$rm_kls" ]; then
+    wait "$rm_pid" 2>/dev/null || [ -f "$runs/reward_model/eval.json" ] || { echo "no reward model: PPO-RM skipped"; failed=1; rm_kls=""; }
+    for k in $rm_kls; do spawn "ppo_rm-kl$k s$s" "$runs/ppo_rm-kl$k/s$s" "${ref[@]}" "${p[@]}" --method=ppo --kl_coef="$k" --reward_model="$runs/reward_model/ckpt.pt"; done
+  fi
+  for b in $online_betas; do spawn "online-beta$b s$s" "$runs/online-beta$b/s$s" "${ref[@]}" "${p[@]}" --beta="$b" --online=True; done
+  for b in $betas; do spawn "dpo-beta$b s$s" "$runs/dpo-beta$b/s$s" "${ref[@]}" "${p[@]}" --beta="$b"; done
+  for a in $alphas; do spawn "unlikelihood-alpha$a s$s" "$runs/unlikelihood-alpha$a/s$s" "${ref[@]}" "${p[@]}" --method=unlikelihood --alpha="$a"; done
+  for lr in $lrs; do spawn "preferred_ft-lr$lr s$s" "$runs/preferred_ft-lr$lr/s$s" "${ref[@]}" "${p[@]}" --method=preferred_ft --dpo_lr="$lr"; done
+  for n in $ns; do spawn "best_of-$n s$s" "$runs/best_of-$n/s$s" "${ref[@]}" "${p[@]}" --method=best_of_n --best_of="$n"; done
+done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
 echo "total $(( $(date +%s) - t0 )) s"
-python - "$runs" <<'PY'
-import glob, json, os, sys
-print("| run | KL (nats) | judge reward | win rate vs reference | valid | held-out pref. accuracy | wall s |")
-print("|---|---|---|---|---|---|---|")
-for f in sorted(glob.glob(os.path.join(sys.argv[1], "*", "eval.json")), key=os.path.getmtime):
-    e, name = json.load(open(f)), os.path.basename(os.path.dirname(f))
-    if "kl" not in e:  # the reward model: its own held-out figures
-        print(f"| {name} | held-out accuracy {e['rm_accuracy']:.3f}, correlation with the exact reward "
-              f"{e['reward_correlation']:.3f} | | | | | {e['wall_seconds']:.0f} |")
-        continue
-    print(f"| {name} | {e['kl']:.2f} | {e['policy_reward']:.2f} | {e['win_rate']:.3f} | "
-          f"{e['valid_fraction']:.3f} | {format(e['pref_accuracy'], '.3f') if e['val_margin'] else '-'} | {e['wall_seconds']:.0f} |")
-PY
+python scripts/frontier_report.py "$runs" --png "$runs/frontier.png"
+exit $failed
