@@ -332,6 +332,9 @@ def test_bf16_live_reference_and_held_out_reference(tiny_run, tmp_path):
     ("--loss_type=kto", "bad setting: unknown loss_type 'kto'"),
     ("--optimizer=sgd", "bad value for --optimizer"),
     ("--judge=nocolon", "bad value for --judge"),
+    ("--alpha=-0.1", "bad value for --alpha: -0.1 (must be >= 0)"),
+    ("--best_of=0", "bad value for --best_of: 0 (must be > 0)"),
+    ("--reward_model=rm.pt", "bad value for --reward_model: 'rm.pt' (must be empty unless --method=ppo or best_of_n)"),
 ])
 def test_bad_config_values(arg, message):
     """Each bad command line stops before any work with one line naming the setting: the form, an
