@@ -171,9 +171,10 @@ def unlikelihood_loss(policy_chosen_logps, chosen_lengths, rejected_token_logps,
     This is the DPO paper's Unlikelihood baseline (Rafailov et al. 2023, Sec. 6, its baselines: maximise
     p(y_w|x), minimise p(y_l|x), with a coefficient alpha in [0, 1] on the unlikelihood term). The
     token form, not -log(1 - pi(y_l|x)) of the whole sequence: a sequence's probability is ~0, so
-    that term would carry no gradient. Its gradient per token is pi/(1 - pi) times d(pi), which grows
-    without bound as pi -> 1 (the instability the paper reports), so 1 - pi is floored at 1e-5, as in
-    Welleck et al.'s code. Per-token means, over the tokens of the batch, as in Preferred-FT.
+    that term would carry no gradient. Its gradient per token is pi/(1 - pi) times d(log pi), which
+    grows without bound as pi -> 1 (the instability the paper reports), so 1 - pi is floored at 1e-5,
+    as in Welleck et al.'s code: a token with pi > 1 - 1e-5 then gets no gradient at all. Per-token
+    means, over the tokens of the batch, as in Preferred-FT.
     -> (loss, its likelihood term, its unlikelihood term), the terms detached."""
     if not 0 <= alpha:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}")

@@ -5,6 +5,7 @@ DDP, configuration errors, online DPO and judges, every loss type, a GPT-2 folde
 import base64
 import functools
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -738,8 +739,8 @@ def test_resume_refuses_another_run(tiny_run, small_file, tmp_path):
 
 def test_resume_before_the_first_checkpoint_and_with_nothing(tiny_run, tmp_path):
     """Killed after ref.pt but before DPO's first ckpt.pt: resume starts DPO at step 1 from ref.pt
-    (no traceback) and, with dropout 0.1, repeats the first run's losses exactly: ref.pt carries the
-    RNG state SFT left. An out_dir with no run in it: a one-line refusal."""
+    (no traceback) and, with dropout 0.1, repeats the first run's losses exactly: both start DPO by
+    seeding torch with --policy_seed, whatever SFT left. An out_dir with no run in it: a one-line refusal."""
     out = tmp_path / "run"
     run_train(out, f"--init_from={tiny_run[0]}/ref.pt", "--sft_iters=2", *FAST[1:], "--dpo_iters=2", "--dropout=0.1")
     os.remove(out / "ckpt.pt")
@@ -917,7 +918,7 @@ def test_frontier_report_means_spreads_and_bounds(tmp_path, capsys, monkeypatch)
     log 4 - 3/4 = 0.64, without spread; the reference (all implicit rewards 0) has no held-out
     accuracy. Rows in method order (reference, DPO, ..., Best-of-N). Without matplotlib the picture
     is skipped with a message; with it, a PNG is written."""
-    sys.path.insert(0, os.path.join(HERE, "scripts"))
+    monkeypatch.syspath_prepend(os.path.join(HERE, "scripts"))
     import frontier_report
     base = dict(win_rate=0.5, valid_fraction=1.0, pref_accuracy=0.75, val_margin=1.0, wall_seconds=10.0)
     write_eval(tmp_path / "dpo-beta1" / "s1" / "eval.json", **{**base, "kl": 1.0, "policy_reward": 2.0})
@@ -934,9 +935,7 @@ def test_frontier_report_means_spreads_and_bounds(tmp_path, capsys, monkeypatch)
     assert frontier_report.plot(*frontier_report.collect(str(tmp_path))[:1], str(tmp_path / "f.png")) is False
     assert "matplotlib is not installed" in capsys.readouterr().out
     monkeypatch.delitem(sys.modules, "matplotlib")
-    try:
-        import matplotlib  # noqa: F401  (optional: only to check the picture where it is installed)
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:  # optional: the picture is checked where it is installed
         return
     assert frontier_report.plot(frontier_report.collect(str(tmp_path))[0], str(tmp_path / "f.png"))
     assert (tmp_path / "f.png").stat().st_size > 1000
@@ -944,9 +943,11 @@ def test_frontier_report_means_spreads_and_bounds(tmp_path, capsys, monkeypatch)
 
 def test_frontier_sweep_dry_run_resumes_and_skips_finished_runs(tmp_path):
     """scripts/frontier.sh at toy size, two runs at a time: a reference, then DPO and Best-of-2 for
-    two policy seeds, and the table. Every point has both seeds, all share the reference (equal
-    reference reward), and Best-of-2's KL is the bound log 2 - 1/2 = 0.19. Run again, it starts
-    nothing (every run has its eval.json) and prints the same table."""
+    two policy seeds, and the table. EXTRA's settings reach every run but yield to the run's own:
+    the reference trains 20 SFT steps and no DPO (its row: KL 0), every policy run starts from its
+    weights (sft_iters=0: the ref.pt each writes holds the same weights). Every point has both
+    seeds, and Best-of-2's KL is the bound log 2 - 1/2 = 0.19. Run again, it starts nothing (every
+    run has its eval.json) and prints the same table."""
     env = dict(os.environ, SEEDS="1 2", BETAS="1", ONLINE_BETAS="", KLS="", RM_KLS="", ALPHAS="", PFT_LRS="", JOBS="2",
                BEST_OF="2", EXTRA=" ".join(TINY + ["--sft_iters=20", "--dpo_iters=2", "--eval_samples=8"]))
     cmd = ["bash", os.path.join(HERE, "scripts", "frontier.sh"), str(tmp_path)]
@@ -954,12 +955,15 @@ def test_frontier_sweep_dry_run_resumes_and_skips_finished_runs(tmp_path):
     assert first.returncode == 0, first.stdout + first.stderr
     started = [line for line in first.stdout.splitlines() if re.match(r"[\w.-]+( s\d+)?: \d+ s$", line)]
     assert len(started) == 1 + 2 * 2  # the reference, then 2 points x 2 seeds
-    refs = {json.load(open(f))["reference_reward"] for f in
-            [tmp_path / "reference" / "eval.json", *(tmp_path / p / s / "eval.json" for p in
-             ("dpo-beta1", "best_of-2") for s in ("s1", "s2"))]}
-    assert len(refs) == 1
+    ref = torch.load(tmp_path / "reference" / "ref.pt", weights_only=True)["model"]
+    for run_dir in (tmp_path / p / s for p in ("dpo-beta1", "best_of-2") for s in ("s1", "s2")):
+        weights = torch.load(run_dir / "ref.pt", weights_only=True)["model"]
+        assert all(torch.equal(weights[k], v) for k, v in ref.items()), run_dir
+    assert [r["stage"] for r in read_metrics(tmp_path / "reference")].count("dpo") == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "dpo-beta1" / "s1") if r["stage"] == "dpo"] == [1, 2]
     table = [line for line in first.stdout.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[:2] for r in table[1:]] == [["| reference", "1"], ["| dpo-beta1", "2"], ["| best_of-2", "2"]]
+    assert table[1].split(" | ")[2] == "0.00"  # the reference against itself
     assert "| ≤ 0.19 (bound) |" in table[-1]
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and not [line for line in again.stdout.splitlines() if re.match(r".*: \d+ s$", line)]

@@ -82,7 +82,7 @@ CONFIG = dict(
     online_redraws=(10, "online DPO: draws of a batch in which the judge called every pair a tie, before stopping"),
     judge=("", "module:function, judge(prompt, a, b) -> 0 (a better), 1 (b better) or None, or a reward model's "
                 "ckpt.pt; the task's own judge by default"),
-    best_of=(16, "best_of_n: responses sampled from the reference per prompt; the judge's best is kept"),
+    best_of=(16, "best_of_n: responses sampled from the reference per prompt; the highest-scored (PPO's score) is kept"),
     # RLHF: a Bradley-Terry reward model (--method=reward_model), then PPO with a per-token KL penalty (--method=ppo)
     reward_model=("", "PPO-RM (and best_of_n): a --method=reward_model run's ckpt.pt as the score; empty: the task's "
                       "exact reward (PPO-GT)"),
@@ -122,7 +122,8 @@ CONFIG = dict(
     stop_at=(0, "stop after this training step, with a checkpoint (0: run to the end); continue with init_from=resume"),
     seed=(1337, "seeds the task, the held-out split, the reference (SFT) and its samples"),
     policy_seed=(-1, "seeds what follows the reference: batch order, dropout, sampling, the policy's evaluation "
-                     "samples (-1: --seed); another value trains another policy on the same data and reference"),
+                     "samples (-1: --seed); another value trains another policy on the same data and reference "
+                     "(keep compared seeds 1000 apart: epochs, steps and ranks offset the seed)"),
     device=("auto", "'auto' (cuda, then mps, then cpu), or e.g. 'cpu', 'cuda:1'"),
     dtype=("auto", "'float32' or 'bfloat16' autocast; auto: bfloat16 where the hardware has it"),
     compile=(False, "torch.compile the policy"),
@@ -737,6 +738,8 @@ def objective(cfg, pc, pr, nc, nr, ref_c, ref_r, accum, ul_logps=None):
     rejected tokens' mean -log(1 - p) (dpo.unlikelihood_loss). Reward model: Bradley-Terry
     on the scores, -log sigmoid(r_w - r_l), mean over the step's pairs."""
     if cfg.method in ("preferred_ft", "unlikelihood"):
+        if (cfg.method == "unlikelihood") != (ul_logps is not None):
+            raise ValueError("the unlikelihood objective needs ul_logps (and only it)")
         nll = -pc.sum() / nc.sum() if ul_logps is None else unlikelihood_loss(pc, nc, ul_logps, cfg.alpha)[0]
         zero = torch.zeros_like(pc)
         rw = cfg.beta * (pc - (zero if ref_c is None else ref_c)).detach()
@@ -857,6 +860,19 @@ def dpo(cfg, run, data, model, reference, train_ref, val_ref, resumed):
 # ------------------------------------------------------------------------------------------------
 # 5b. RLHF: PPO against a reward (the task's exact one, or a reward model), with a per-token KL penalty
 
+def load_scorer(cfg, run, data, model):
+    """What PPO and Best-of-N maximise: None for the task's exact reward, or the reward model of
+    --reward_model (PPO-RM), which must read `model`'s tokens at its block size."""
+    scorer = or_exit(load_model, cfg.reward_model, run.device, kind="ScalarGPT").eval() if cfg.reward_model else None
+    if scorer is None and data.task is None:
+        sys.exit(f"--method={cfg.method} on a preference file needs --reward_model=<a --method=reward_model run's ckpt.pt>")
+    if scorer is not None and (scorer.config.vocab_size, scorer.config.block_size) != \
+            (model.config.vocab_size, model.config.block_size):
+        sys.exit(f"--reward_model={cfg.reward_model}: vocabulary and block size {scorer.config.vocab_size}, "
+                 f"{scorer.config.block_size} do not match the policy's {model.config.vocab_size}, {model.config.block_size}")
+    return scorer
+
+
 @torch.no_grad()
 def rollout(cfg, run, data, policy, reference, value, scorer, prompts, seed, kl_coef):
     """One response per prompt from the policy itself (temperature 1), scored, with everything PPO's
@@ -919,13 +935,7 @@ def ppo(cfg, run, data, policy, reference, val_ref, resumed):
     The value model is a separate ScalarGPT, initialised from the reward model (PPO-RM) or from the
     SFT reference with a zero head (PPO-GT): the policy stays a plain GPT, and the value loss never
     pulls on the policy's features. Continues from `resumed` (ckpt.pt's content). -> the last step taken."""
-    scorer = or_exit(load_model, cfg.reward_model, run.device, kind="ScalarGPT").eval() if cfg.reward_model else None
-    if scorer is None and data.task is None:
-        sys.exit("--method=ppo on a preference file needs --reward_model=<a --method=reward_model run's ckpt.pt>")
-    if scorer is not None and (scorer.config.vocab_size, scorer.config.block_size) != \
-            (policy.config.vocab_size, policy.config.block_size):
-        sys.exit(f"--reward_model={cfg.reward_model}: vocabulary and block size {scorer.config.vocab_size}, "
-                 f"{scorer.config.block_size} do not match the policy's {policy.config.vocab_size}, {policy.config.block_size}")
+    scorer = load_scorer(cfg, run, data, policy)
     value = ScalarGPT.from_model(scorer if scorer is not None else policy)
     # dropout stays off in both models: the ratio pi/pi_old must compare one function at two weights
     policy.eval(), value.eval()
@@ -1024,18 +1034,19 @@ def win_rate(verdicts):
 
 @torch.no_grad()
 def best_of_n(cfg, run, data, reference):
-    """The Best-of-N baseline: best_of responses per held-out prompt sampled from the reference, and
-    the one the judge scores highest kept (the first of equals): the task's exact reward, or a reward
-    model's score with --reward_model. No training; it costs N samples per prompt at inference."""
-    scorer = or_exit(load_model, cfg.reward_model, run.device, kind="ScalarGPT").eval() if cfg.reward_model else None
-    if scorer is None and data.task is None:
-        sys.exit("--method=best_of_n on a preference file needs --reward_model=<a --method=reward_model run's ckpt.pt>")
+    """The Best-of-N baseline: best_of responses per held-out prompt sampled from the reference's own
+    distribution (temperature 1, the condition of the KL bound), and the highest-scored kept (the
+    first of equals) by the score PPO maximises: the task's exact reward (an oracle, as for PPO-GT) or
+    the reward model of --reward_model, minus no_eos_penalty for a response cut without an end token.
+    No training; it costs N samples per prompt at inference."""
+    scorer = load_scorer(cfg, run, data, reference)
     n, prompts = cfg.best_of, [p for p in data.eval_ids for _ in range(cfg.best_of)]  # each prompt n times in a row
-    outs = sample(cfg, run, reference, prompts, cfg.policy_seed + 1, data.eot)
+    outs = sample(cfg, run, reference, prompts, cfg.policy_seed + 1, data.eot, exact=True)
     if scorer is None:
         scores = torch.tensor([data.task["reward"](data.enc.decode(p), text(data, r)) for p, r in zip(prompts, outs)])
     else:
         scores = score(cfg, run, scorer, list(zip(prompts, outs)), data.eot)[0].cpu()
+    scores = scores - cfg.no_eos_penalty * torch.tensor([r[-1] != data.eot for r in outs])
     best = scores.view(-1, n).argmax(1)  # (prompts,) the first maximum of each row
     return [outs[i * n + k] for i, k in enumerate(best.tolist())]
 

@@ -37,15 +37,18 @@ def collect(runs):
             with open(os.path.join(d, "eval.json")) as f:
                 rm = json.load(f)
             continue
-        files = [os.path.join(d, "eval.json")] if name == "reference" else glob.glob(os.path.join(d, "s*", "eval.json"))
+        files = glob.glob(os.path.join(d, "eval.json" if name == "reference" else os.path.join("s*", "eval.json")))
         method = next((i for i, (prefix, *_) in enumerate(METHODS) if name.startswith(prefix)), None)
-        if method is None or not files:
+        try:
+            param = float(name[len(METHODS[method][0]):] or 0) if method is not None else None
+        except ValueError:
+            param = None
+        if param is None or not files:  # not a point of the sweep, or none of its runs finished yet
             continue
         evals = []
         for f in sorted(files):
             with open(f) as fh:
                 evals.append(json.load(fh))
-        param = float(name[len(METHODS[method][0]):] or 0)
         points.append(dict(name=name, method=method, param=param, evals=evals))
     return sorted(points, key=lambda p: (p["method"], p["param"])), rm
 
