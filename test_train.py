@@ -511,15 +511,17 @@ def test_first_loss_of_reference_free_preferred_ft_and_unlikelihood(tiny_run, tm
 
 def test_best_of_n_keeps_the_judges_best_of_each_prompt(tiny_run, tmp_path):
     """best_of_n against an independent pick: the same N = 4 samples per prompt drawn again from
-    the reference with the policy's evaluation seed, scored by the task's exact reward; each pick is
-    the first of the highest-scored of its prompt's four. A whole run does no training and reports
-    the bound log 4 - 3/4 = 0.636294 as kl_bound, and no sampled kl."""
+    the reference's own distribution with the policy's evaluation seed, scored as PPO scores them:
+    the task's exact reward, minus no_eos_penalty = 1 for a response cut at max_new_tokens (24
+    here, so many are); each pick is the first of the highest-scored of its prompt's four. A whole
+    run does no training and reports the bound log 4 - 3/4 = 0.636294 as kl_bound, no sampled kl."""
     cfg, run, d = stage_inputs(tmp_path / "unit", "--method=best_of_n", "--best_of=4")
     ref = load_model(os.path.join(tiny_run[0], "ref.pt"), "cpu").eval()
     picks = train.best_of_n(cfg, run, d, ref)
     prompts = [p for p in d.eval_ids for _ in range(4)]
-    outs = train.sample(cfg, run, ref, prompts, cfg.policy_seed + 1, d.eot)
-    rewards = [d.task["reward"](d.enc.decode(p), train.text(d, r)) for p, r in zip(prompts, outs)]
+    outs = train.sample(cfg, run, ref, prompts, cfg.policy_seed + 1, d.eot, exact=True)
+    rewards = [d.task["reward"](d.enc.decode(p), train.text(d, r)) - (r[-1] != d.eot) for p, r in zip(prompts, outs)]
+    assert any(r[-1] != d.eot for r in outs) and any(r[-1] == d.eot for r in outs)  # the penalty matters here
     for i, pick in enumerate(picks):
         group = rewards[4 * i:4 * i + 4]
         assert pick == outs[4 * i + group.index(max(group))]

@@ -74,7 +74,8 @@ CONFIG = dict(
                    "of the rejected), 'best_of_n' (no training); RLHF: 'reward_model', then 'ppo'"),
     beta=(1.0, "strength of the KL anchor to the reference: small beta lets the policy move further"),
     loss_type=("sigmoid", f"one of {LOSS_TYPES}"),
-    alpha=(0.1, "unlikelihood: weight of the term that pushes the rejected responses' tokens down"),
+    alpha=(0.001, "unlikelihood: weight of the term that pushes the rejected responses' tokens down (here 0.01 "
+                  "already broke half the samples, 0.1 all of them)"),
     label_smoothing=(0.0, "conservative DPO: assumed share of flipped labels, in [0, 0.5)"),
     reference_free=(False, "take log pi_ref = 0 (no reference model in the loss)"),
     precompute_ref=(False, "score the training set with the reference once, then drop it from memory"),

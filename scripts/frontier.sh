@@ -18,7 +18,7 @@ if (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404 )); then echo "needs bash 
 cd "$(dirname "$0")/.."
 runs=${1:-runs/frontier}
 seeds=${SEEDS-"1337 2337 3337"}
-betas=${BETAS-"0.5 1 2"}
+betas=${BETAS-"0.5 1 2 4"}
 online_betas=${ONLINE_BETAS-"1 2"}
 kls=${KLS-"0.5 1"}
 rm_kls=${RM_KLS-"1"}

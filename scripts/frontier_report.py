@@ -16,7 +16,7 @@ import os
 METHODS = [("reference", "Reference (SFT)", "*", "black"), ("dpo-beta", "DPO", "o", "tab:blue"),
            ("online-beta", "Online DPO", "s", "tab:cyan"), ("ppo_gt-kl", "PPO-GT", "^", "tab:red"),
            ("ppo_rm-kl", "PPO-RM", "v", "tab:orange"), ("unlikelihood-alpha", "Unlikelihood", "D", "tab:purple"),
-           ("preferred_ft-lr", "Preferred-FT", "P", "tab:green"), ("best_of-", "Best-of-N", "X", "tab:gray")]
+           ("preferred_ft-lr", "Preferred-FT", "P", "tab:green"), ("best_of-", "Best-of-N (exact reward)", "X", "tab:gray")]
 COLUMNS = [("kl", "KL (nats)"), ("policy_reward", "judge reward"), ("win_rate", "win rate vs reference"),
            ("valid_fraction", "valid"), ("pref_accuracy", "held-out pref. accuracy"), ("wall_seconds", "wall s")]
 
@@ -115,6 +115,9 @@ def plot(points, png):
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
+    seeds = sorted({len(p["evals"]) for p in points if p["name"] != "reference"})
+    fig.suptitle(f"{'/'.join(map(str, seeds))} policy seeds per point; error bars: one standard deviation over them",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     print(f"wrote {png}")
