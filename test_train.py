@@ -970,3 +970,21 @@ def test_frontier_sweep_dry_run_resumes_and_skips_finished_runs(tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and not [line for line in again.stdout.splitlines() if re.match(r".*: \d+ s$", line)]
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table
+
+
+def test_best_of_n_ranks_by_a_reward_model(tiny_run, tiny_rm, tmp_path):
+    """Best-of-N with --reward_model ranks by the reward model's score: its picks are the samples
+    whose score, read independently with score() and minus the no-eos penalty, is highest of their
+    prompt's N = 2; the bound log 2 - 1/2 is reported."""
+    rm = str(tiny_rm[0] / "ckpt.pt")
+    cfg, run, d = stage_inputs(tmp_path / "unit", "--method=best_of_n", "--best_of=2", f"--reward_model={rm}")
+    ref = load_model(os.path.join(tiny_run[0], "ref.pt"), "cpu").eval()
+    picks = train.best_of_n(cfg, run, d, ref)
+    prompts = [p for p in d.eval_ids for _ in range(2)]
+    outs = train.sample(cfg, run, ref, prompts, cfg.policy_seed + 1, d.eot, exact=True)
+    scores = train.score(cfg, run, load_model(rm, "cpu", kind="ScalarGPT").eval(), list(zip(prompts, outs)), d.eot)[0]
+    scores = (scores - torch.tensor([float(r[-1] != d.eot) for r in outs])).view(-1, 2)
+    assert picks == [outs[2 * i + int(k)] for i, k in enumerate(scores.argmax(1))]
+    res = run_train(tmp_path / "run", f"--init_from={tiny_run[0]}/ref.pt", "--sft_iters=0", "--method=best_of_n",
+                    "--best_of=2", f"--reward_model={rm}")
+    assert res["kl_bound"] == pytest.approx(math.log(2) - 0.5)
