@@ -126,13 +126,16 @@ def response_token_logps(model, ids, mask):
     return -F.cross_entropy(logits.float(), ids[:, 1:][mask[:, 1:]], reduction="none")  # (N,)
 
 
+def row_sums(tok, mask):
+    """response_token_logps' (N,) values summed per row of mask (B, T) -> (B,), with index_add."""
+    rows = mask[:, 1:].nonzero()[:, 0]
+    return torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+
+
 def response_logps(model, ids, mask):
     """The same quantity as sequence_logps(model(ids), ids, mask) (tested: values and gradients),
-    computed the way training needs it fast, from response_token_logps; index_add sums each row's values."""
-    tok = response_token_logps(model, ids, mask)
-    rows = mask[:, 1:].nonzero()[:, 0]
-    logps = torch.zeros(ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
-    return logps, mask[:, 1:].sum(1)
+    computed the way training needs it fast: response_token_logps, summed per row."""
+    return row_sums(response_token_logps(model, ids, mask), mask), mask[:, 1:].sum(1)
 
 
 def concatenated_logps(model, ids, mask, with_tokens=False):
@@ -141,8 +144,7 @@ def concatenated_logps(model, ids, mask, with_tokens=False):
     twice as tall, which run closer to the hardware's peak. Returns (chosen, rejected, n_c, n_r),
     and with_tokens=True appends response_token_logps' (N,) per-token values (for unlikelihood)."""
     tok = response_token_logps(model, ids, mask)
-    logps = torch.zeros(ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, mask[:, 1:].nonzero()[:, 0], tok)
-    n, B = mask[:, 1:].sum(1), ids.shape[0] // 2
+    logps, n, B = row_sums(tok, mask), mask[:, 1:].sum(1), ids.shape[0] // 2
     return (logps[:B], logps[B:], n[:B], n[B:]) + ((tok,) if with_tokens else ())
 
 

@@ -509,6 +509,18 @@ def test_first_loss_of_reference_free_preferred_ft_and_unlikelihood(tiny_run, tm
     assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
+def independent_best_of(cfg, run, d, ref, score_fn):
+    """Best-of-N outside train.best_of_n: the same cfg.best_of samples per held-out prompt drawn
+    again (the reference's own distribution, the policy's evaluation seed), scored by
+    score_fn(prompts, outs) minus 1 (no_eos_penalty) where cut without an end token; each prompt's
+    first highest. -> (the samples, the picks)."""
+    n = cfg.best_of
+    prompts = [p for p in d.eval_ids for _ in range(n)]
+    outs = train.sample(cfg, run, ref, prompts, cfg.policy_seed + 1, d.eot, exact=True)
+    scores = score_fn(prompts, outs) - torch.tensor([float(r[-1] != d.eot) for r in outs])
+    return outs, [outs[n * i + int(k)] for i, k in enumerate(scores.view(-1, n).argmax(1))]
+
+
 def test_best_of_n_keeps_the_judges_best_of_each_prompt(tiny_run, tmp_path):
     """best_of_n against an independent pick: the same N = 4 samples per prompt drawn again from
     the reference's own distribution with the policy's evaluation seed, scored as PPO scores them:
@@ -518,13 +530,10 @@ def test_best_of_n_keeps_the_judges_best_of_each_prompt(tiny_run, tmp_path):
     cfg, run, d = stage_inputs(tmp_path / "unit", "--method=best_of_n", "--best_of=4")
     ref = load_model(os.path.join(tiny_run[0], "ref.pt"), "cpu").eval()
     picks = train.best_of_n(cfg, run, d, ref)
-    prompts = [p for p in d.eval_ids for _ in range(4)]
-    outs = train.sample(cfg, run, ref, prompts, cfg.policy_seed + 1, d.eot, exact=True)
-    rewards = [d.task["reward"](d.enc.decode(p), train.text(d, r)) - (r[-1] != d.eot) for p, r in zip(prompts, outs)]
+    outs, expected = independent_best_of(cfg, run, d, ref, lambda prompts, outs: torch.tensor(
+        [d.task["reward"](d.enc.decode(p), train.text(d, r)) for p, r in zip(prompts, outs)], dtype=torch.float))
     assert any(r[-1] != d.eot for r in outs) and any(r[-1] == d.eot for r in outs)  # the penalty matters here
-    for i, pick in enumerate(picks):
-        group = rewards[4 * i:4 * i + 4]
-        assert pick == outs[4 * i + group.index(max(group))]
+    assert picks == expected
     res = run_train(tmp_path / "run", f"--init_from={tiny_run[0]}/ref.pt", "--sft_iters=0", "--method=best_of_n", "--best_of=4")
     assert res["kl_bound"] == pytest.approx(math.log(4) - 0.75) and "kl" not in res
     assert not os.path.exists(tmp_path / "run" / "ckpt.pt") and os.path.exists(tmp_path / "run" / "eval.json")
@@ -980,11 +989,10 @@ def test_best_of_n_ranks_by_a_reward_model(tiny_run, tiny_rm, tmp_path):
     cfg, run, d = stage_inputs(tmp_path / "unit", "--method=best_of_n", "--best_of=2", f"--reward_model={rm}")
     ref = load_model(os.path.join(tiny_run[0], "ref.pt"), "cpu").eval()
     picks = train.best_of_n(cfg, run, d, ref)
-    prompts = [p for p in d.eval_ids for _ in range(2)]
-    outs = train.sample(cfg, run, ref, prompts, cfg.policy_seed + 1, d.eot, exact=True)
-    scores = train.score(cfg, run, load_model(rm, "cpu", kind="ScalarGPT").eval(), list(zip(prompts, outs)), d.eot)[0]
-    scores = (scores - torch.tensor([float(r[-1] != d.eot) for r in outs])).view(-1, 2)
-    assert picks == [outs[2 * i + int(k)] for i, k in enumerate(scores.argmax(1))]
+    scorer = load_model(rm, "cpu", kind="ScalarGPT").eval()
+    _, expected = independent_best_of(cfg, run, d, ref, lambda prompts, outs: train.score(
+        cfg, run, scorer, list(zip(prompts, outs)), d.eot)[0])
+    assert picks == expected
     res = run_train(tmp_path / "run", f"--init_from={tiny_run[0]}/ref.pt", "--sft_iters=0", "--method=best_of_n",
                     "--best_of=2", f"--reward_model={rm}")
     assert res["kl_bound"] == pytest.approx(math.log(2) - 0.5)

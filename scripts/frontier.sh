@@ -5,10 +5,11 @@
 #   reward model trained here), Unlikelihood over alpha, Preferred-FT, Best-of-N over N.
 # Each point runs once per policy seed (--policy_seed: batch order, sampling; the same data,
 # reference and reward model). The seeds are 1000 apart: train.py derives per-epoch, per-step and
-# per-rank streams as policy_seed + a small count, so seeds 1 apart would share some of them. A finished run (one with an eval.json) is not run again and an
-# interrupted one is resumed, so the sweep continues where it stopped. Then the table, and the
-# picture if matplotlib is installed (scripts/frontier_report.py).
-#   bash scripts/frontier.sh [runs_dir]                       # everything, SEEDS="1337 1338 1339"
+# per-rank streams as policy_seed + a small count, so seeds 1 apart would share some of them.
+# A finished run (one with an eval.json) is not run again and an interrupted one is resumed, so the
+# sweep continues where it stopped. Then the table, and the picture if matplotlib is installed
+# (scripts/frontier_report.py).
+#   bash scripts/frontier.sh [runs_dir]                       # everything, SEEDS="1337 2337 3337"
 #   SEEDS=1337 JOBS=2 bash scripts/frontier.sh                 # one seed, two runs at a time
 #   BETAS="1" ONLINE_BETAS="" KLS="" RM_KLS="" bash scripts/frontier.sh    # a subset ("" skips a method)
 #   JOBS=2 bash scripts/frontier.sh                            # two runs at a time, one thread each

@@ -99,12 +99,12 @@ def plot(points, png):
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for m, (_, label, marker, colour) in enumerate(METHODS):
-        pts = sorted((p for p in points if p["method"] == m), key=lambda p: summarise(p)["kl"][0])
+        pts = [p for p in points if p["method"] == m]
         if not pts:
             continue
+        s = sorted((summarise(p) for p in pts), key=lambda x: x["kl"][0])
         bound = "kl_bound" in pts[0]["evals"][0]
         for ax, key in zip(axes, ("policy_reward", "valid_fraction")):
-            s = [summarise(p) for p in pts]
             ax.errorbar([x["kl"][0] for x in s], [x[key][0] for x in s], xerr=[x["kl"][1] for x in s],
                         yerr=[x[key][1] for x in s], marker=marker, color=colour, linestyle="--" if bound else "-",
                         linewidth=0.8, markersize=7, capsize=2, mfc="none" if bound else colour,
