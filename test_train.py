@@ -953,27 +953,31 @@ def test_frontier_report_means_spreads_and_bounds(tmp_path, capsys, monkeypatch)
 
 
 def test_frontier_sweep_dry_run_resumes_and_skips_finished_runs(tmp_path):
-    """scripts/frontier.sh at toy size, two runs at a time: a reference, then DPO and Best-of-2 for
-    two policy seeds, and the table. EXTRA's settings reach every run but yield to the run's own:
-    the reference trains 20 SFT steps and no DPO (its row: KL 0), every policy run starts from its
-    weights (sft_iters=0: the ref.pt each writes holds the same weights). Every point has both
-    seeds, and Best-of-2's KL is the bound log 2 - 1/2 = 0.19. Run again, it starts nothing (every
-    run has its eval.json) and prints the same table."""
-    env = dict(os.environ, SEEDS="1 2", BETAS="1", ONLINE_BETAS="", KLS="", RM_KLS="", ALPHAS="", PFT_LRS="", JOBS="2",
-               BEST_OF="2", EXTRA=" ".join(TINY + ["--sft_iters=20", "--dpo_iters=2", "--eval_samples=8"]))
+    """scripts/frontier.sh at toy size, two runs at a time: a reference, then DPO, PPO-GT and
+    Best-of-2 for two policy seeds, and the table. EXTRA's settings reach every run but yield to the
+    run's own: the reference trains 20 SFT steps and no DPO (its row: KL 0), every policy run
+    starts from its weights (sft_iters=0: the ref.pt each writes holds the same weights), and PPO
+    takes PPO_ITERS = 2 steps, not EXTRA's 5. Every point has both seeds, and Best-of-2's KL is the
+    bound log 2 - 1/2 = 0.19. Run again, it starts nothing (every run has its eval.json) and prints
+    the same table."""
+    env = dict(os.environ, SEEDS="1 2", BETAS="1", ONLINE_BETAS="", KLS="1", RM_KLS="", ALPHAS="", PFT_LRS="", JOBS="2",
+               BEST_OF="2", PPO_ITERS="2", EXTRA=" ".join(TINY + ["--sft_iters=20", "--dpo_iters=2", "--eval_samples=8",
+                                                                  "--ppo_iters=5", "--rollout_batch=8", "--ppo_minibatch=4"]))
     cmd = ["bash", os.path.join(HERE, "scripts", "frontier.sh"), str(tmp_path)]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     started = [line for line in first.stdout.splitlines() if re.match(r"[\w.-]+( s\d+)?: \d+ s$", line)]
-    assert len(started) == 1 + 2 * 2  # the reference, then 2 points x 2 seeds
+    assert len(started) == 1 + 3 * 2  # the reference, then 3 points x 2 seeds
     ref = torch.load(tmp_path / "reference" / "ref.pt", weights_only=True)["model"]
-    for run_dir in (tmp_path / p / s for p in ("dpo-beta1", "best_of-2") for s in ("s1", "s2")):
+    for run_dir in (tmp_path / p / s for p in ("dpo-beta1", "ppo_gt-kl1", "best_of-2") for s in ("s1", "s2")):
         weights = torch.load(run_dir / "ref.pt", weights_only=True)["model"]
         assert all(torch.equal(weights[k], v) for k, v in ref.items()), run_dir
     assert [r["stage"] for r in read_metrics(tmp_path / "reference")].count("dpo") == 0
     assert [r["step"] for r in read_metrics(tmp_path / "dpo-beta1" / "s1") if r["stage"] == "dpo"] == [1, 2]
+    assert [r["step"] for r in read_metrics(tmp_path / "ppo_gt-kl1" / "s2") if r["stage"] == "ppo"] == [1, 2]
     table = [line for line in first.stdout.splitlines() if line.startswith("| ")]
-    assert [r.split(" | ")[:2] for r in table[1:]] == [["| reference", "1"], ["| dpo-beta1", "2"], ["| best_of-2", "2"]]
+    assert [r.split(" | ")[:2] for r in table[1:]] == [["| reference", "1"], ["| dpo-beta1", "2"], ["| ppo_gt-kl1", "2"],
+                                                 ["| best_of-2", "2"]]
     assert table[1].split(" | ")[2] == "0.00"  # the reference against itself
     assert "| ≤ 0.19 (bound) |" in table[-1]
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

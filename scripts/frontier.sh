@@ -13,6 +13,7 @@
 #   SEEDS=1337 JOBS=2 bash scripts/frontier.sh                 # one seed, two runs at a time
 #   BETAS="1" ONLINE_BETAS="" KLS="" RM_KLS="" bash scripts/frontier.sh    # a subset ("" skips a method)
 #   JOBS=2 bash scripts/frontier.sh                            # two runs at a time, one thread each
+#   PPO_ITERS=100 bash scripts/frontier.sh                     # PPO's steps (50 by default)
 #   EXTRA="--eval_samples=64" bash scripts/frontier.sh         # settings for every run (a run's own win)
 set -euo pipefail
 if (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404 )); then echo "needs bash >= 4.4 (this is $BASH_VERSION)"; exit 1; fi
@@ -23,6 +24,9 @@ betas=${BETAS-"0.5 1 2 4"}
 online_betas=${ONLINE_BETAS-"1 2"}
 kls=${KLS-"0.5 1"}
 rm_kls=${RM_KLS-"1"}
+# PPO's score and KL are flat from step 50 to 100 in every 100-step run of this sweep (README), and
+# PPO is most of the sweep's time: half the steps keep the figure inside an hour at one seed
+ppo_iters=${PPO_ITERS-50}
 alphas=${ALPHAS-"0.001 0.01"}
 lrs=${PFT_LRS-"1e-4"}
 ns=${BEST_OF-"2 4 16 64"}
@@ -68,10 +72,10 @@ if [ -n "$rm_kls" ]; then spawn reward_model "$runs/reward_model" "${ref[@]}" --
 
 for s in $seeds; do  # the longest runs first, so that JOBS=2 does not end on one long run alone
   p=(--policy_seed="$s")
-  for k in $kls; do spawn "ppo_gt-kl$k s$s" "$runs/ppo_gt-kl$k/s$s" "${ref[@]}" "${p[@]}" --method=ppo --kl_coef="$k"; done
+  for k in $kls; do spawn "ppo_gt-kl$k s$s" "$runs/ppo_gt-kl$k/s$s" "${ref[@]}" "${p[@]}" --method=ppo --kl_coef="$k" --ppo_iters="$ppo_iters"; done
   if [ -n "$rm_kls" ]; then
     wait "$rm_pid" 2>/dev/null || [ -f "$runs/reward_model/eval.json" ] || { echo "no reward model: PPO-RM skipped"; failed=1; rm_kls=""; }
-    for k in $rm_kls; do spawn "ppo_rm-kl$k s$s" "$runs/ppo_rm-kl$k/s$s" "${ref[@]}" "${p[@]}" --method=ppo --kl_coef="$k" --reward_model="$runs/reward_model/ckpt.pt"; done
+    for k in $rm_kls; do spawn "ppo_rm-kl$k s$s" "$runs/ppo_rm-kl$k/s$s" "${ref[@]}" "${p[@]}" --method=ppo --kl_coef="$k" --ppo_iters="$ppo_iters" --reward_model="$runs/reward_model/ckpt.pt"; done
   fi
   for b in $online_betas; do spawn "online-beta$b s$s" "$runs/online-beta$b/s$s" "${ref[@]}" "${p[@]}" --beta="$b" --online=True; done
   for b in $betas; do spawn "dpo-beta$b s$s" "$runs/dpo-beta$b/s$s" "${ref[@]}" "${p[@]}" --beta="$b"; done
