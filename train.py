@@ -405,6 +405,13 @@ def text(data, resp):
     return data.enc.decode(resp[:-1] if resp and resp[-1] == data.eot else resp)
 
 
+def exact_rewards(data, prompts, responses, device="cpu"):
+    """The task's exact reward of each (prompt ids, response ids): PPO-GT's score, Best-of-N's oracle
+    pick, the truth a reward model is compared with. -> (len(prompts),) float32."""
+    return torch.tensor([data.task["reward"](data.enc.decode(p), text(data, r)) for p, r in zip(prompts, responses)],
+                        dtype=torch.float, device=device)
+
+
 def call_judge(data, prompt, a, b):
     try:
         verdict = data.judge(prompt, a, b)
@@ -891,8 +898,7 @@ def rollout(cfg, run, data, policy, reference, value, scorer, prompts, seed, kl_
         ref_logps, _ = P.token_logps(reference, ids, mask, rmask)
         values = P.token_values(value, ids, mask, rmask).float()
         if scorer is None:  # PPO-GT: the task's exact reward
-            scores = torch.tensor([data.task["reward"](data.enc.decode(p), text(data, r)) for p, r in
-                                   zip(prompts, responses)], device=run.device, dtype=torch.float)
+            scores = exact_rewards(data, prompts, responses, run.device)
         else:               # PPO-RM: the reward model's score at the last token
             scores = P.last_token_scores(scorer, ids, mask).float()
     truncated = torch.tensor([r[-1] != data.eot for r in responses], device=run.device)
@@ -1009,7 +1015,7 @@ def reward_model_eval(cfg, run, data, rm):
     losses, accuracy = P.bradley_terry_loss(r[:B], r[B:])
     res = dict(rm_val_loss=losses.mean().item(), rm_accuracy=accuracy, rm_margin=(r[:B] - r[B:]).mean().item())
     if data.task is not None:
-        truth = torch.tensor([data.task["reward"](data.enc.decode(p), text(data, y)) for p, y in rows])
+        truth = exact_rewards(data, *zip(*rows))
         res["reward_correlation"] = torch.corrcoef(torch.stack([r.cpu(), truth]))[0, 1].item()
     return res
 
@@ -1044,7 +1050,7 @@ def best_of_n(cfg, run, data, reference):
     n, prompts = cfg.best_of, [p for p in data.eval_ids for _ in range(cfg.best_of)]  # each prompt n times in a row
     outs = sample(cfg, run, reference, prompts, cfg.policy_seed + 1, data.eot, exact=True)
     if scorer is None:
-        scores = torch.tensor([data.task["reward"](data.enc.decode(p), text(data, r)) for p, r in zip(prompts, outs)])
+        scores = exact_rewards(data, prompts, outs)
     else:
         scores = score(cfg, run, scorer, list(zip(prompts, outs)), data.eot)[0].cpu()
     scores = scores - cfg.no_eos_penalty * torch.tensor([r[-1] != data.eot for r in outs])
@@ -1069,10 +1075,10 @@ def sample_eval(cfg, run, data, policy, reference):
         # an estimate of that KL only when the samples come from pi itself (temperature 1, no top-k)
         if cfg.temperature != 1.0 or cfg.top_k:
             print0("note: kl is measured on tempered/top-k samples, so it is not KL(pi || pi_ref)")
-        seqs = list(zip(data.eval_ids, pol))
         if bon:
             res["kl_bound"] = math.log(cfg.best_of) - (cfg.best_of - 1) / cfg.best_of
         else:
+            seqs = list(zip(data.eval_ids, pol))
             res["kl"] = (score(cfg, run, policy, seqs, data.eot)[0] - score(cfg, run, reference, seqs, data.eot)[0]).mean().item()
         res["reference_mean_length"] = mean(list(map(len, ref)))
         ref_t = [text(data, r) for r in ref]

@@ -29,7 +29,8 @@ def mean_std(xs):
 
 def collect(runs):
     """-> [point], each a dict: name, method (index into METHODS), param (float), evals (one per
-    seed: runs/NAME/s*/eval.json, or runs/reference/eval.json), the reward model's eval apart."""
+    seed: runs/NAME/s*/eval.json, or runs/reference/eval.json), bound (its KL is Best-of-N's
+    kl_bound), the reward model's eval apart."""
     points, rm = [], None
     for d in sorted(glob.glob(os.path.join(runs, "*"))):
         name = os.path.basename(d)
@@ -49,7 +50,7 @@ def collect(runs):
         for f in sorted(files):
             with open(f) as fh:
                 evals.append(json.load(fh))
-        points.append(dict(name=name, method=method, param=param, evals=evals))
+        points.append(dict(name=name, method=method, param=param, evals=evals, bound="kl_bound" in evals[0]))
     return sorted(points, key=lambda p: (p["method"], p["param"])), rm
 
 
@@ -57,7 +58,7 @@ def summarise(point):
     """-> {column: (mean, std) or None}; Best-of-N's KL is its bound (kl_bound), which has no spread."""
     out = {}
     for key, _ in COLUMNS:
-        field = "kl_bound" if key == "kl" and "kl_bound" in point["evals"][0] else key
+        field = "kl_bound" if key == "kl" and point["bound"] else key
         xs = [e[field] for e in point["evals"] if field in e]
         out[key] = mean_std(xs) if xs else None
     if all(e.get("val_margin", 0) == 0 for e in point["evals"]):
@@ -73,7 +74,7 @@ def table(points, rm):
         for key, _ in COLUMNS:
             if s[key] is None:
                 cells.append("-")
-            elif key == "kl" and "kl_bound" in p["evals"][0]:
+            elif key == "kl" and p["bound"]:
                 cells.append(f"≤ {s[key][0]:.2f} (bound)")
             else:
                 digits = 0 if key == "wall_seconds" else 3 if key in ("win_rate", "valid_fraction", "pref_accuracy") else 2
@@ -103,7 +104,7 @@ def plot(points, png):
         if not pts:
             continue
         s = sorted((summarise(p) for p in pts), key=lambda x: x["kl"][0])
-        bound = "kl_bound" in pts[0]["evals"][0]
+        bound = pts[0]["bound"]
         for ax, key in zip(axes, ("policy_reward", "valid_fraction")):
             ax.errorbar([x["kl"][0] for x in s], [x[key][0] for x in s], xerr=[x["kl"][1] for x in s],
                         yerr=[x[key][1] for x in s], marker=marker, color=colour, linestyle="--" if bound else "-",
