@@ -12,6 +12,7 @@ import torch
 
 from dpo import (LOSS_TYPES, check_loss_args, concatenated_logps, dpo_loss, rejected_after_divergence, response_logps,
                  sequence_logps, unlikelihood_loss)
+from conftest import U32, float64_logps
 from test_model import tiny_model
 
 
@@ -375,8 +376,9 @@ def test_sequence_logps_by_hand():
 
 def test_sequence_logps_ignores_right_padding():
     """Appending padding (any token, mask False) to the right changes nothing: attention is
-    causal, so real positions never see it, and the padded positions are not scored. Same
-    summed log-prob (to float32 rounding) and the same 4 response tokens."""
+    causal, so real positions never see it, and the padded positions are not scored. The same 4
+    response tokens, and both summed log-probs equal the unpadded row's float64 value, each within
+    conftest's rule (the two runs have other shapes, so other kernels and rounding)."""
     m = tiny_model()
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     mask = torch.tensor([[False, False, True, True, True, True]])
@@ -384,14 +386,21 @@ def test_sequence_logps_ignores_right_padding():
     ids_p = torch.cat([ids, torch.full((1, 5), 11)], 1)
     mask_p = torch.cat([mask, torch.zeros(1, 5, dtype=torch.bool)], 1)
     lp_p, n_p = sequence_logps(m(ids_p), ids_p, mask_p)
-    assert torch.allclose(lp, lp_p, atol=1e-5) and n.item() == n_p.item() == 4
+    expected, bound, _, _ = float64_logps(m, ids, mask)
+    assert (lp.double() - expected).abs() <= bound and (lp_p.double() - expected).abs() <= bound
+    assert n.item() == n_p.item() == 4
 
 
 def test_response_only_fast_path_equals_full_logits():
     """response_logps pushes only the scored positions through lm_head; it must equal the literal
     definition sequence_logps(model(ids), ids, mask) (full logits, shift, log_softmax, gather,
-    mask, sum), values and gradients, to float32 rounding. Four rows with responses of 9, 4, 3
-    and 4 tokens at different offsets, so both count 9, 4, 3, 4 response tokens."""
+    mask, sum), values and gradients. Four rows with responses of 9, 4, 3 and 4 tokens at different
+    offsets, so both count 9, 4, 3, 4 response tokens. Values: each path within conftest's rule of
+    the float64 sums. Gradients (of the summed log-probs, on the tied embedding): the two float32
+    paths share the trunk and differ only in which rows reach the output layer, so the output
+    layer's weight gradient adds the 20 scored rows' terms (the full path: and 28 exact zeros) in
+    another order; stated bound: the rule's 64 u per token, times 20 tokens, times max|g| (measured:
+    equal on AVX-512; an off-by-one row would move elements by O(max|g|) = 4)."""
     m = tiny_model(seed=1)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 37, (4, 12), generator=g)
@@ -404,15 +413,17 @@ def test_response_only_fast_path_equals_full_logits():
     m.zero_grad()
     fast, n_fast = response_logps(m, ids, mask)
     fast.sum().backward()
-    assert torch.allclose(full, fast, atol=1e-5) and torch.equal(n_full, n_fast)
-    assert n_fast.tolist() == [9, 4, 3, 4]
-    assert torch.allclose(g_full, m.transformer.wte.weight.grad, atol=1e-5)
+    expected, bound, _, _ = float64_logps(m, ids, mask)
+    assert ((full.double() - expected).abs() <= bound).all() and ((fast.double() - expected).abs() <= bound).all()
+    assert torch.equal(n_full, n_fast) and n_fast.tolist() == [9, 4, 3, 4]
+    g_fast = m.transformer.wte.weight.grad
+    assert (g_full - g_fast).abs().max() <= 64 * U32 * 20 * g_full.abs().max()
 
 
 def test_concatenated_forward_equals_two_forwards():
     """Chosen and rejected stacked in one (2B, T) call give the same log-probs as scoring each
-    half on its own (the rejected half with its own, shorter padding: 5 columns instead of 7).
-    Response-token counts: chosen 2 and 4, rejected 1 and 2."""
+    half on its own (the rejected half with its own, shorter padding: 5 columns instead of 7): all
+    within conftest's rule of the float64 values. Response-token counts: chosen 2 and 4, rejected 1 and 2."""
     m = tiny_model(seed=2)
     chosen = torch.tensor([[1, 2, 3, 4, 5, 0, 0], [6, 7, 8, 9, 10, 11, 12]])
     rejected = torch.tensor([[1, 2, 3, 20, 0, 0, 0], [6, 7, 8, 21, 22, 0, 0]])
@@ -421,7 +432,8 @@ def test_concatenated_forward_equals_two_forwards():
     c, r, nc, nr = concatenated_logps(m, torch.cat([chosen, rejected]), torch.cat([mc, mr]))
     c1, nc1 = sequence_logps(m(chosen), chosen, mc)
     r1, nr1 = sequence_logps(m(rejected[:, :5]), rejected[:, :5], mr[:, :5])
-    assert torch.allclose(c, c1, atol=1e-5) and torch.allclose(r, r1, atol=1e-5)
+    for got, (expected, bound, _, _) in (((c, c1), float64_logps(m, chosen, mc)), ((r, r1), float64_logps(m, rejected, mr))):
+        assert all(((x.double() - expected).abs() <= bound).all() for x in got)
     assert nc.tolist() == nc1.tolist() == [2, 4] and nr.tolist() == nr1.tolist() == [1, 2]
 
 
@@ -469,19 +481,21 @@ def test_unlikelihood_loss_by_hand():
 
 def test_penalised_token_logps_match_full_logits():
     """concatenated_logps(with_tokens=True) returns each response token's log-prob; selecting the
-    penalised ones with rejected_after_divergence must give what the literal sequence_logps of full
-    logits gives with a mask of just those tokens (chosen rows masked out), row by row; and the
-    per-token values sum to the returned per-sequence log-probs."""
+    penalised ones with rejected_after_divergence must give what the literal definition of full
+    logits gives with a mask of just those tokens (chosen rows masked out), row by row, within
+    conftest's rule of the float64 values; and the per-token values sum to the returned per-sequence
+    log-probs: the same float32 numbers added in another order, so within 2 (n - 1) u sum|x|."""
     m = tiny_model(seed=4)
     chosen = torch.tensor([[1, 2, 3, 4, 5, 0], [1, 2, 9, 0, 0, 0]])
     rejected = torch.tensor([[1, 2, 3, 6, 7, 8], [1, 2, 9, 10, 0, 0]])
     ids = torch.cat([chosen, rejected])
     mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
     c, r, _, _, tok = concatenated_logps(m, ids, mask, with_tokens=True)
-    assert tok.sum().item() == pytest.approx((c.sum() + r.sum()).item(), abs=1e-5)
+    assert abs(tok.sum().item() - (c.sum() + r.sum()).item()) <= 2 * (len(tok) - 1) * U32 * tok.abs().sum().item()
     picked = tok[rejected_after_divergence(ids, mask)]
     only = torch.zeros_like(mask)
     only[2, 3:6] = True  # 6 7 8
     only[3, 3] = True    # 10
-    expected = sequence_logps(m(ids), ids, only)[0][2:]
-    assert torch.allclose(torch.stack([picked[:3].sum(), picked[3:].sum()]), expected, atol=1e-5)
+    expected, bound, _, _ = float64_logps(m, ids, only)
+    got = torch.stack([picked[:3].sum(), picked[3:].sum()]).double()
+    assert ((got - expected[2:]).abs() <= bound[2:]).all()

@@ -22,6 +22,7 @@ import torch
 
 import data
 import train
+from conftest import TOKEN_ULPS, U32, float64_logps
 from model import GPT, ScalarGPT, load_checkpoint, load_model, save_checkpoint
 from test_model import Payload, hf_state_dict, tiny_model, write_config, write_safetensors
 
@@ -171,10 +172,13 @@ def test_online_batch_puts_the_judges_pick_first(tmp_path):
 
 
 def test_preference_eval_scores_the_held_out_pairs(tmp_path):
-    """preference_eval against an independent computation on data.val: sequence_logps of full
-    logits, the DPO loss -log sigmoid(beta*h), accuracy = share of h > 0. data.train holds the same
+    """preference_eval against an independent float64 computation on data.val: the literal
+    log-probs of full logits (conftest.float64_logps), the DPO loss -log sigmoid(beta*h), accuracy =
+    share of h > 0. Tolerance (conftest's rule): h is a sum of four sums of token log-probs, so its
+    float32 error is at most the sum of their four bounds, and -log sigmoid is 1-Lipschitz, so the
+    mean loss is within the mean of those bounds (0.011 here, where scoring the wrong set or
+    swapping chosen and rejected moves it by 86). No |h| is that close to 0, so the accuracy must be exact. data.train holds the same
     pairs with chosen and rejected swapped, so scoring the wrong set gives the complement."""
-    from dpo import sequence_logps
     cfg, run, d = stage_inputs(tmp_path)
     d.val = d.val[:6]
     d.train = [(p, r, c) for p, c, r in d.val]
@@ -182,13 +186,14 @@ def test_preference_eval_scores_the_held_out_pairs(tmp_path):
     val_ref = train.score_pairs(cfg, run, ref, d.val, d.eot)[:2]
     res = train.preference_eval(cfg, run, d, policy, val_ref)
 
-    def logps(m, rows):
-        ids, mask = data.collate_sft(rows, d.eot)
-        return sequence_logps(m(ids), ids, mask)[0]
-    h = [logps(m, [(p, c) for p, c, _ in d.val]) - logps(m, [(p, r) for p, _, r in d.val]) for m in (policy, ref)]
-    h = h[0] - h[1]
-    assert res["val_loss"] == pytest.approx(-torch.nn.functional.logsigmoid(h).mean().item(), rel=1e-5)
-    assert res["pref_accuracy"] == pytest.approx((h > 0).float().mean().item())
+    def logps(m, rows):  # -> (float64 sums, their bounds)
+        return float64_logps(m, *data.collate_sft(rows, d.eot))[:2]
+    parts = [logps(m, [(p, c) for p, c, _ in d.val]) + logps(m, [(p, r) for p, _, r in d.val]) for m in (policy, ref)]
+    h = (parts[0][0] - parts[0][2]) - (parts[1][0] - parts[1][2])
+    bound = sum(parts[0][1::2]) + sum(parts[1][1::2])  # (6,) per pair
+    assert (h.abs() > bound).all()  # every sign is certain
+    assert abs(res["val_loss"] - -torch.nn.functional.logsigmoid(h).mean().item()) <= bound.mean().item()
+    assert res["pref_accuracy"] == (h > 0).double().mean().item()
     assert 0 < res["pref_accuracy"] < 1  # the swapped set would give 1 - accuracy
 
 
@@ -239,8 +244,8 @@ def test_train_smoke(tiny_run):
     for k in ("policy_reward", "reference_reward", "win_rate", "kl", "valid_fraction", "pref_accuracy", "wall_seconds"):
         assert k in ev and math.isfinite(ev[k]), k
     dpo = [r for r in read_metrics(out) if r["stage"] == "dpo"]
-    assert dpo[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert dpo[0]["rewards/accuracies"] == 0.0 and dpo[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert dpo[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)  # float32's log 2: policy and reference run
+    assert dpo[0]["rewards/accuracies"] == 0.0 and dpo[0]["rewards/margins"] == 0.0  # the same kernels on one input
     assert sum(r["loss"] for r in dpo[-4:]) / 4 < math.log(2) - 0.1
     assert ev["pref_accuracy"] > 0.6
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
@@ -269,8 +274,10 @@ def test_ddp_matches_single_process(tiny_run, small_file, tmp_path):
     """torchrun with 2 CPU processes (gloo), 4 pairs each, 1 micro-step, equals one process with
     4 pairs x 2 micro-steps: the same 8 pairs per step, gradients averaged the same way, so the
     updates after 3 steps agree to float tolerance: |w_ddp - w_single| / |w_single - w_0| < 1e-3.
-    The first step's gradient norm (before clipping, logged) agrees to 1e-5 relative: AdamW would
-    hide a gradient off by a constant factor (a wrong division by processes), the norm does not.
+    The first step's gradient norm (before clipping, logged) agrees to 64 u = 3.8e-6 relative (conftest's
+    rule for one token, u = 2^-24: the two runs add the same per-pair terms in another order, over
+    another thread count; measured 1-2 u): AdamW would hide a gradient off by a constant factor (a
+    wrong division by processes), the norm does not.
     (Not elementwise: the key bias gets a gradient that is exactly 0 in exact arithmetic, since a
     constant added to every key's score cancels in the softmax; Adam divides the ~1e-10 rounding
     noise by its own tiny scale and turns it into updates of either sign.)"""
@@ -290,21 +297,23 @@ def test_ddp_matches_single_process(tiny_run, small_file, tmp_path):
     apart = sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt()
     assert moved > 0.1 and apart / moved < 1e-3, (moved, apart)
     ga, gb = (read_metrics(tmp_path / d)[0]["grad_norm"] for d in ("single", "ddp"))
-    assert gb == pytest.approx(ga, rel=1e-5)
+    assert gb == pytest.approx(ga, rel=TOKEN_ULPS * U32)
 
 
 def test_grad_accum_equals_one_larger_batch(tiny_run, tmp_path):
     """2 micro-steps of 4 pairs take the same 8 pairs as 1 micro-step of 8 (Batches cuts one
     permutation), and each micro-step's loss is divided by 4 * 2, so the summed gradient is the
-    gradient of the mean over 8 pairs: the same first-step loss and gradient norm (1e-5 relative).
+    gradient of the mean over 8 pairs: the same first-step loss (exactly float32's log 2: the policy is
+    the reference) and gradient norm, to 64 u = 3.8e-6 relative (conftest's rule for one token; the
+    sums run in another order and batch shape; measured 1-2 u on default, AVX2 and AVX-512 kernels).
     Without the division the norm would double."""
     ref = os.path.join(tiny_run[0], "ref.pt")
     common = [f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=1", "--eval_samples=4", "--beta=0.5"]
     run_train(tmp_path / "one", *common, "--batch_size=8")
     run_train(tmp_path / "two", *common, "--batch_size=4", "--grad_accum=2")
     a, b = (read_metrics(tmp_path / d)[0] for d in ("one", "two"))
-    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5) and a["grad_norm"] > 0
-    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=TOKEN_ULPS * U32) and a["grad_norm"] > 0
+    assert b["loss"] == a["loss"] == pytest.approx(math.log(2), abs=1e-7)
 
 
 def test_bf16_live_reference_and_held_out_reference(tiny_run, tmp_path):
@@ -437,22 +446,25 @@ def test_bench_quick(capsys):
     assert p["sample_share"] == pytest.approx(p["sample_s"] / p["total_s"])
 
 
-@pytest.mark.parametrize("args, first_loss", [
-    (["--loss_type=sigmoid", "--label_smoothing=0.2", "--optimizer=rmsprop", "--precompute_ref=True"], math.log(2)),
-    (["--loss_type=ipo", "--beta=0.5"], 1.0),
-    (["--loss_type=hinge"], 1.0),
+@pytest.mark.parametrize("args, first_loss, tol", [
+    (["--loss_type=sigmoid", "--label_smoothing=0.2", "--optimizer=rmsprop", "--precompute_ref=True"], math.log(2), 5e-3),
+    (["--loss_type=ipo", "--beta=0.5"], 1.0, 1e-7),
+    (["--loss_type=hinge"], 1.0, 1e-7),
 ])
-def test_every_loss_type_trains(tiny_run, small_file, tmp_path, args, first_loss):
+def test_every_loss_type_trains(tiny_run, small_file, tmp_path, args, first_loss, tol):
     """At DPO step 1 the policy is the reference, so h = 0 and the first loss is known by hand:
     conservative DPO -(1-eps) log sigmoid(0) - eps log sigmoid(0) = log 2 whatever eps;
-    IPO (0 - 1/(2*0.5))^2 = 1; hinge relu(1 - 0) = 1. (The precomputed case scores every training
-    pair first, so it runs on a 400-pair file.)"""
+    IPO (0 - 1/(2*0.5))^2 = 1; hinge relu(1 - 0) = 1. With a live reference h is exactly 0 (the
+    same kernels on the same batch), so the loss is float32's rounding of the number (1e-7). The
+    precomputed reference was scored in batches of another shape, so h is 0 only to conftest's
+    rule: at most ~0.013 for four sums of up to 100 tokens with |log p| <= 5, and cDPO's loss moves
+    by at most (1 - 2 eps)/2 = 0.3 of it: 5e-3 (a misaligned precomputed reference puts h at tens
+    of nats). (The precomputed case scores every training pair first: a 400-pair file.)"""
     ref = os.path.join(tiny_run[0], "ref.pt")
     small = [f"--data={small_file}"] if "--precompute_ref=True" in args else []
     res = run_train(tmp_path, f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=3", "--eval_samples=4", *small, *args)
     dpo = [r for r in read_metrics(tmp_path) if r["stage"] == "dpo"]
-    if first_loss is not None:
-        assert dpo[0]["loss"] == pytest.approx(first_loss, abs=1e-5)
+    assert dpo[0]["loss"] == pytest.approx(first_loss, abs=tol)
     assert all(math.isfinite(r["loss"]) for r in dpo) and math.isfinite(res["val_loss"])
 
 
@@ -479,34 +491,40 @@ def test_train_from_a_gpt2_folder(tmp_path):
 
 @pytest.mark.parametrize("method", ["reference_free", "preferred_ft", "unlikelihood"])
 def test_first_loss_of_reference_free_preferred_ft_and_unlikelihood(tiny_run, tmp_path, method):
-    """Their first loss, computed independently on the first batch (Batches with the run's seed;
-    the policy at step 1 is ref.pt; log-probs by the literal sequence_logps on full logits):
-    reference-free DPO, beta 1: mean over pairs of -log sigmoid(log pi(y_w) - log pi(y_l)) (not log 2:
-    no reference is loaded); Preferred-FT: -sum log pi(y_w) / sum |y_w|, a positive NLL per token;
-    Unlikelihood, alpha 0.5: that NLL + 0.5 * the mean of -log(1 - p) over each rejected response's
-    tokens from the first one that differs from its chosen response (found here by a plain loop)."""
-    from dpo import sequence_logps
+    """Their first loss, computed independently in float64 on the first batch (Batches with the
+    run's seed; the policy at step 1 is ref.pt; log-probs by the literal definition on full logits,
+    conftest.float64_logps): reference-free DPO, beta 1: mean over pairs of -log sigmoid(log pi(y_w) -
+    log pi(y_l)) (not log 2: no reference is loaded); Preferred-FT: -sum log pi(y_w) / sum |y_w|, a
+    positive NLL per token; Unlikelihood, alpha 0.5: that NLL + 0.5 * the mean of -log(1 - p) over each
+    rejected response's tokens from the first one that differs from its chosen response (found here by
+    a plain loop). Tolerance: conftest's rule passed through each formula: -log sigmoid is
+    1-Lipschitz (the mean of the pairs' bounds), the NLL divides the summed bounds by the token count,
+    and -log(1 - e^l) has slope p/(1 - p), which scales each penalised token's bound."""
+    from conftest import token_bound
     ref = os.path.join(tiny_run[0], "ref.pt")
     arg = dict(reference_free=["--reference_free=True"], preferred_ft=["--method=preferred_ft"],
                unlikelihood=["--method=unlikelihood", "--alpha=0.5"])[method]
     run_train(tmp_path / "run", f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=1", "--eval_samples=4", *arg)
     _, _, d = stage_inputs(tmp_path / "inputs")
     batch = [d.train[i] for i in data.Batches(list(range(len(d.train))), 8, 1337).next()]
-    m = load_model(ref, "cpu")
-    with torch.no_grad():
-        ids, mask = data.collate(batch, d.eot)
-        logits = m(ids)
-        lp, n = sequence_logps(logits, ids, mask)
-        token_lp = torch.log_softmax(logits, -1)[:, :-1].gather(2, ids[:, 1:, None])[..., 0]  # (2B, T-1)
+    ids, mask = data.collate(batch, d.eot)
+    lp, bound, zmax, token_lp = float64_logps(load_model(ref, "cpu"), ids, mask)  # token_lp (2B, T-1): token t+1
+    n = mask[:, 1:].sum(1)
     pc, pr = lp[:8], lp[8:]
-    expected = -torch.nn.functional.logsigmoid(pc - pr).mean() if method == "reference_free" else -pc.sum() / n[:8].sum()
+    if method == "reference_free":
+        expected, tol = -torch.nn.functional.logsigmoid(pc - pr).mean(), (bound[:8] + bound[8:]).mean()
+    else:
+        expected, tol = -pc.sum() / n[:8].sum(), bound[:8].sum() / n[:8].sum()
     if method == "unlikelihood":
-        terms = []
+        terms, slopes = [], []
         for (p, c, r), row in zip(batch, token_lp[8:]):
             k = next((i for i in range(len(r)) if i >= len(c) or c[i] != r[i]), len(r))  # first differing token
-            terms += [-math.log(1 - math.exp(row[len(p) + i - 1].item())) for i in range(k, len(r))]  # row[t]: token t+1
+            probs = [math.exp(row[len(p) + i - 1].item()) for i in range(k, len(r))]
+            terms += [-math.log(1 - q) for q in probs]
+            slopes += [q / (1 - q) for q in probs]
         expected = expected + 0.5 * sum(terms) / len(terms)
-    assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
+        tol = tol + 0.5 * (token_bound(zmax) * sum(slopes) + len(terms) * U32 * sum(terms)) / len(terms)
+    assert abs(read_metrics(tmp_path / "run")[0]["loss"] - expected.item()) <= tol.item()
 
 
 def independent_best_of(cfg, run, d, ref, score_fn):
@@ -902,16 +920,17 @@ def test_block_size_crops_a_loaded_gpt2_and_export_round_trips(tmp_path):
 
 def test_score_puts_sorted_batches_back_in_order(tiny_run, tmp_path):
     """score() batches sequences sorted by length; its outputs must come back in the input order:
-    for 37 sequences of mixed lengths, batches of 8, each summed log-prob and count equals the
-    sequence scored alone (fp32: equal to 1e-5)."""
+    for 37 sequences of mixed lengths, batches of 8, each summed log-prob equals the float64 value
+    of that very sequence, to conftest's rule (a neighbour's value is off by whole nats), and each
+    count is the sequence's response length."""
     cfg, run, d = stage_inputs(tmp_path, "--score_batch_size=8")
     m = load_model(f"{tiny_run[0]}/ref.pt")
     rng = random.Random(0)
     seqs = [(p, c[:rng.randint(1, len(c))]) for p, c, _ in d.train[:37]]
     lp, n = train.score(cfg, run, m, seqs, d.eot)
-    alone = [train.score(cfg, run, m, [s], d.eot) for s in seqs]
+    expected, bound, _, _ = float64_logps(m, *data.collate_sft(seqs, d.eot))
     assert n.tolist() == [len(c) for _, c in seqs]
-    assert lp.tolist() == pytest.approx([a[0].item() for a in alone], rel=1e-5, abs=1e-5)
+    assert ((lp.double() - expected).abs() <= bound).all()
 
 
 # ------------------------------------------------------------------------------------------------
