@@ -164,10 +164,12 @@ def bench_sampling(shape, device, n_new, use_cache, dtype):
 
 
 def bench_ppo_iteration(shape, device, n_prompts, n_new, epochs):
-    """One PPO iteration as train.py runs it (rollout: cached sampling, then scoring by policy,
+    """One PPO iteration as rlhf.py runs it (rollout: cached sampling, then scoring by policy,
     reference, value model and a reward model; then `epochs` passes of minibatch updates of the
     policy and the value model), timed part by part on a random-init model and random prompts."""
-    import train  # the real stage functions, not a copy
+    import rlhf  # the real stage functions, not a copy
+    import train
+    from runtime import Guard
     L, H, C, V = SHAPES[shape]
     torch.manual_seed(0)
     cfg = train.parse_config([f"--max_new_tokens={n_new}", f"--rollout_batch={n_prompts}", f"--ppo_epochs={epochs}",
@@ -179,13 +181,13 @@ def bench_ppo_iteration(shape, device, n_prompts, n_new, epochs):
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (policy, value)]
     prompts = torch.randint(0, V - 1, (n_prompts, PROMPT)).tolist()
     data = SimpleNamespace(eot=V - 1)
-    guard = train.Guard(cfg, run, "ppo", [policy, value], "none")  # its checks are part of the cost
-    ep = train.rollout(cfg, run, data, policy, reference, value, scorer, prompts, 0, 0.1)  # warm-up
+    guard = Guard(cfg, run, "ppo", [policy, value], "none")  # its checks are part of the cost
+    ep = rlhf.rollout(cfg, run, data, policy, reference, value, scorer, prompts, 0, 0.1)  # warm-up
     times = []
     for i in range(2):
         t0 = time.perf_counter()
-        ep = train.rollout(cfg, run, data, policy, reference, value, scorer, prompts, i, 0.1)
-        train.ppo_update(cfg, run, policy, value, optimizers, ep, torch.Generator().manual_seed(i), guard, i + 1)
+        ep = rlhf.rollout(cfg, run, data, policy, reference, value, scorer, prompts, i, 0.1)
+        rlhf.ppo_update(cfg, run, policy, value, optimizers, ep, torch.Generator().manual_seed(i), guard, i + 1)
         sync(device)
         total = time.perf_counter() - t0
         times.append((ep.sample_s, ep.score_s, total - ep.sample_s - ep.score_s, total))
@@ -248,7 +250,7 @@ def bench_real(device, path, tokenizer, block=512, pairs_per_step=4, steps=2, n_
         with torch.no_grad():
             for i in range(0, len(idx), 64):
                 ids, mask = (x.to(device) for x in D.collate_sft([sub[j] for j in idx[i:i + 64]], enc.eot_token))
-                response_logps(model.eval(), ids, mask)  # what train.score computes
+                response_logps(model.eval(), ids, mask)  # what evaluate.score computes
         sync(device)
         dt = time.perf_counter() - t0
         res[f"score_{name}"] = dict(seconds=dt, useful_tokens_per_s=sum(sub_len) / dt)

@@ -1,7 +1,6 @@
 """
-Data for DPO: preference pairs from files, tokenization, padding, splits,
-resumable batches, and "reviews", a small synthetic preference task whose
-reward is known exactly (so a run can be judged against the ground truth).
+Data for DPO: preference pairs from files, tokenization, padding, splits and
+resumable batches. (The embedded task with an exact reward is reviews.py.)
 
 A pair is a dict {"prompt": str, "chosen": str, "rejected": str}. Responses
 keep their leading space (" Sure, ...") because BPE tokens carry it.
@@ -11,12 +10,10 @@ import base64
 import binascii
 import gzip
 import hashlib
-import importlib
 import json
 import math
 import os
 import random
-import re
 import zlib
 from collections import Counter
 
@@ -427,128 +424,3 @@ class Batches:
         if d["pos"] < 0 or d["pos"] % self.global_size:
             raise ValueError(f"pos {d['pos']} is not a multiple of the global batch {self.global_size}")
         self.epoch, self.pos = int(d["epoch"]), int(d["pos"])
-
-
-# -----------------------------------------------------------------------------
-# judges: judge(prompt, a, b) -> 0 (a is better), 1 (b is better) or None (a tie)
-
-def load_judge(spec):
-    """'module:function' -> the callable, with errors that name the spec."""
-    mod_name, _, fn_name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--judge={spec}: cannot load it ({e})") from None
-    if not callable(fn):
-        raise ValueError(f"--judge={spec}: {fn_name} is not callable")
-    return fn
-
-
-def pair_judge(reward):
-    """A judge from a reward function: the higher reward wins, equal rewards tie."""
-    def judge(prompt, a, b):
-        ra, rb = reward(prompt, a), reward(prompt, b)
-        return None if ra == rb else (0 if ra > rb else 1)
-    return judge
-
-
-# -----------------------------------------------------------------------------
-# the "reviews" task: movie-review continuations ranked by a sentiment lexicon
-# (after the DPO paper's IMDb experiment, but with an exact, known reward).
-# prompt:   "{opener} the {genre} {felt|was|seemed}"
-# response: " " ADJP (JOIN " the" ASPECT "was" ADJP){1,3} "."
-#           ADJP = ["not " | "very " | "truly "] ADJECTIVE;  JOIN = ", and" | ", but" | " and"
-
-TASK_NAME = "reviews"
-OPENERS = ["Honestly,", "To be fair,", "In the end,", "I have to say", "Frankly,",
-           "Overall,", "For me,", "All in all,", "Truth be told,", "Looking back,"]
-GENRES = ["comedy", "thriller", "drama", "sequel", "documentary", "musical", "western", "cartoon"]
-VERBS = ["felt", "was", "seemed"]
-ASPECTS = ["acting", "plot", "music", "ending", "script", "dialogue", "pacing", "cast"]
-POSITIVE = ["superb", "funny", "moving", "clever", "gripping",
-            "charming", "brilliant", "delightful", "fresh", "wonderful"]
-NEGATIVE = ["dull", "boring", "clumsy", "weak", "flat",
-            "tedious", "silly", "awful", "bland", "predictable"]
-INTENSIFIERS = ["very", "truly"]
-JOINERS = [", and", ", but", " and"]
-P_NOT, P_INTENSIFIER = 0.15, 0.2
-
-
-def _any(words):
-    return "(?:" + "|".join(map(re.escape, words)) + ")"
-
-
-_ADJP = f"(?:{_any(['not'] + INTENSIFIERS)} )?{_any(POSITIVE + NEGATIVE)}"
-_CLAUSE = f"{_any(JOINERS)} the {_any(ASPECTS)} was {_ADJP}"
-_VALID = re.compile(f" {_ADJP}(?:{_CLAUSE}){{1,3}}\\.")
-_SIGN = {**{w: 1 for w in POSITIVE}, **{w: -1 for w in NEGATIVE}}
-
-
-def reward(prompt, response):
-    """Lexicon judge: +1 per positive adjective, -1 per negative one, sign
-    flipped when the word right before it is "not". Word-level and
-    case-insensitive, so any text (even garbage) gets a finite score. The
-    prompt is accepted for API generality and ignored."""
-    words = re.findall(r"[a-z]+", str(response).lower())
-    return float(sum(_SIGN[w] * (-1 if i and words[i - 1] == "not" else 1)
-                     for i, w in enumerate(words) if w in _SIGN))
-
-
-def is_valid(response):
-    """True iff the response (a trailing <|endoftext|> is allowed) follows the grammar exactly."""
-    if not isinstance(response, str):
-        return False
-    if response.endswith(EOT):
-        response = response[:-len(EOT)]
-    return _VALID.fullmatch(response) is not None
-
-
-def _adjective_phrase(rng, p_positive):
-    positive = rng.random() < p_positive  # the sentiment this phrase expresses
-    if rng.random() < P_NOT:  # "not" + an adjective of the opposite sign
-        return "not " + rng.choice(NEGATIVE if positive else POSITIVE)
-    word = rng.choice(POSITIVE if positive else NEGATIVE)
-    return f"{rng.choice(INTENSIFIERS)} {word}" if rng.random() < P_INTENSIFIER else word
-
-
-def sample_response(rng):
-    """One response; its latent tone p_positive ~ Uniform(0, 1), so every sentiment occurs."""
-    tone = rng.random()
-    parts = [" " + _adjective_phrase(rng, tone)]
-    for aspect in rng.sample(ASPECTS, rng.randint(1, 3)):
-        parts.append(f"{rng.choice(JOINERS)} the {aspect} was {_adjective_phrase(rng, tone)}")
-    return "".join(parts) + "."
-
-
-def make_task(seed=0, n_sft=20000, n_pairs=10000, n_val_pairs=500, n_eval_prompts=256):
-    """The reviews task. 16 of the 80 opener x genre combinations (2 per genre,
-    each opener at most twice; all 3 verbs -> 48 prompts) are held out: val
-    pairs and eval prompts use only those, sft and train pairs never do.
-    A pair is two independent responses to one prompt, chosen = higher reward,
-    ties dropped. Eval prompts cycle through the shuffled held-out prompts."""
-    rng = random.Random(seed)
-    shift = rng.randrange(len(OPENERS))
-    held = {(OPENERS[(g + shift + k) % len(OPENERS)], genre) for g, genre in enumerate(GENRES) for k in (0, 1)}
-    train_prompts, held_prompts = [], []
-    for opener in OPENERS:
-        for genre in GENRES:
-            for verb in VERBS:
-                prompt = f"{opener} the {genre} {verb}"
-                (held_prompts if (opener, genre) in held else train_prompts).append(prompt)
-
-    def pairs(prompts, n):
-        out = []
-        while len(out) < n:
-            prompt, a, b = rng.choice(prompts), sample_response(rng), sample_response(rng)
-            ra, rb = reward(prompt, a), reward(prompt, b)
-            if ra != rb:
-                chosen, rejected = (a, b) if ra > rb else (b, a)
-                out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        return out
-
-    sft = [(rng.choice(train_prompts), sample_response(rng)) for _ in range(n_sft)]
-    train, val = pairs(train_prompts, n_pairs), pairs(held_prompts, n_val_pairs)
-    rng.shuffle(held_prompts)
-    eval_prompts = [held_prompts[i % len(held_prompts)] for i in range(n_eval_prompts)]
-    return {"sft": sft, "train": train, "val": val, "eval_prompts": eval_prompts,
-            "reward": reward, "is_valid": is_valid}

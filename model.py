@@ -6,12 +6,11 @@ Parameter names follow the Hugging Face GPT-2 layout (transformer.wte, transform
 Conv1D weights. The model returns logits for every position: DPO scores whole responses, not just
 the next token. `generate` samples a batch of prompts of different lengths with a key/value cache.
 """
-import hashlib
 import json
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -328,94 +327,6 @@ class ScalarGPT(GPT):
         missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("score_head.") for k in missing)
         return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# checkpoints of this project: written atomically from finite weights, verified when read
-
-def digest(obj):
-    """sha256 of a checkpoint's content: every tensor's dtype, shape and bytes and every other value,
-    walked in a fixed order. Stored in the file and checked on load, so a flipped byte in the weights,
-    the optimizer state or the RNG state is caught (torch.load does not check its zip's CRCs)."""
-    h = hashlib.sha256()
-
-    def walk(x):
-        if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous().reshape(-1)
-            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy())  # the raw bytes, no copy
-        elif isinstance(x, dict):
-            h.update(f"D{len(x)}".encode())
-            for k in sorted(x, key=repr):  # optimizer state has int keys
-                h.update(repr(k).encode())
-                walk(x[k])
-        elif isinstance(x, (list, tuple)):
-            h.update(f"L{len(x)}".encode())
-            for v in x:
-                walk(v)
-        else:
-            h.update(repr(x).encode())
-    walk(obj)
-    return h.hexdigest()
-
-
-def finite(t):
-    """No NaN or inf in `t`: its min and max in one pass (NaN propagates into both), no bool copy."""
-    return not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
-
-
-def save_checkpoint(path, model, **extra):
-    """Write `model` (weights, shape, kind) and `extra` state to `path` with the digest of it all.
-    Atomic: the bytes go to path.tmp, which replaces `path` only once complete, so a crash mid-write
-    leaves the last good file. Non-finite weights are refused, never written. -> the digest."""
-    sd = model.state_dict()
-    bad = [k for k, v in sd.items() if not finite(v)]
-    if bad:
-        raise ValueError(f"{path}: not written: non-finite weights in {', '.join(bad[:3])}")
-    ck = dict(model=sd, model_args=asdict(model.config), kind=type(model).__name__, **extra)
-    ck["sha256"] = digest(ck)
-    try:
-        torch.save(ck, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # a full disk, a missing folder: torch raises either
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise OSError(f"{path}: cannot write it ({why}); the previous file, if any, is intact") from None
-    return ck["sha256"]
-
-
-def load_checkpoint(path):
-    """A file written by save_checkpoint, verified: read with weights_only (tensors and plain
-    containers, never code) and refused unless its content matches the digest written with it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a zip, or a pickled object: never unpickled to find out
-        raise ValueError(f"{path}: not a checkpoint of this project (unreadable: {type(e).__name__})") from None
-    if not isinstance(ck, dict) or not {"model", "model_args", "sha256"} <= ck.keys():
-        raise ValueError(f"{path}: not a checkpoint of this project (no weights, shape or checksum)")
-    if digest({k: v for k, v in ck.items() if k != "sha256"}) != ck["sha256"]:
-        raise ValueError(f"{path}: corrupted: its content does not match the checksum written with it")
-    return ck
-
-
-def load_model(path, device="cpu", dropout=0.0, kind="GPT"):
-    """A model from a checkpoint of this project (a GPT policy, or with kind='ScalarGPT' a reward
-    model) or, for a GPT, a Hugging Face GPT-2 folder."""
-    if os.path.isdir(path) and kind == "GPT":
-        return GPT.from_pretrained(path, dropout=dropout).to(device)
-    ck = load_checkpoint(path)
-    names = dict(GPT="a language model (policy)", ScalarGPT="a reward model")
-    if ck.get("kind", "GPT") != kind:
-        raise ValueError(f"{path}: holds {names.get(ck.get('kind'), ck.get('kind'))}, where {names[kind]} is needed")
-    try:
-        model = (ScalarGPT if kind == "ScalarGPT" else GPT)(GPTConfig(**{**ck["model_args"], "dropout": dropout}))
-        model.load_state_dict(ck["model"])
-    except (TypeError, RuntimeError, AssertionError) as e:
-        raise ValueError(f"{path}: its weights do not fit its model shape ({str(e).splitlines()[0][:120]})") from None
-    return model.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------

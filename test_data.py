@@ -1,8 +1,8 @@
 """
 Tests of data.py, in the order of its code: preference files, tokenizers, tokenization and
-truncation, collation, splits and batches, and the embedded reviews task. Expected values are
-derived in each docstring.
+truncation, collation, splits and batches. Expected values are derived in each docstring.
 """
+import base64
 import gzip
 import json
 import math
@@ -166,6 +166,25 @@ def test_get_tokenizer_bytes_and_offline_gpt2():
     gpt2 = data.get_tokenizer(GPT2_PATH)
     assert gpt2.encode_ordinary("Hello world") == [15496, 995]
     assert (gpt2.eot_token, gpt2.n_vocab) == (50256, 50257)
+
+
+def test_tokenizer_file_is_read_each_time(tmp_path):
+    """A .tiktoken file is 'base64(token) rank' per line: 256 byte tokens + 1 merge -> 257 ranks,
+    eot 257, 258 ids. Rewritten at the same path with 2 merges: 259 ids (no stale cache). An empty
+    file and a bad line are refused naming the file (and the line)."""
+    path = tmp_path / "toy.tiktoken"
+    write = lambda toks: path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(toks)))
+    byte_tokens = [bytes([i]) for i in range(256)]
+    write(byte_tokens + [b"th"])
+    assert data.get_tokenizer(str(path)).n_vocab == 258
+    write(byte_tokens + [b"th", b"the"])
+    assert data.get_tokenizer(str(path)).n_vocab == 259
+    path.write_text("")
+    with pytest.raises(ValueError, match="toy.tiktoken: empty .tiktoken file"):
+        data.get_tokenizer(str(path))
+    path.write_text("YQ== 0\nnot-base64! 1\n")
+    with pytest.raises(ValueError, match="toy.tiktoken: line 2: expected 'base64-token rank'"):
+        data.get_tokenizer(str(path))
 
 
 def _toy_bpe():
@@ -340,68 +359,3 @@ def test_encoding_each_distinct_text_once_equals_one_at_a_time():
     alone = [(enc.encode_ordinary(p["prompt"]), enc.encode_ordinary(p["chosen"]) + [enc.eot_token],
               enc.encode_ordinary(p["rejected"]) + [enc.eot_token]) for p in pairs]
     assert out == [x for x in alone if x[1] != x[2]]
-
-
-# ------------------------------------------------------------------------------------------------
-# the reviews task
-
-def test_reward_by_hand_and_garbage():
-    """funny +1, "not dull" -> -(-1) = +1: total +2. "very awful" -1, "not
-    superb" -1, "boring" -1: -3. Case-insensitive words; "notfunny" is no word
-    (0). Garbage scores finitely and is invalid; the grammar examples are valid."""
-    assert data.reward("p", " funny, and the plot was not dull.") == 2.0
-    assert data.reward("p", " very awful, but the acting was not superb and the cast was boring.") == -3.0
-    assert data.reward("", "FUNNY funny notfunny") == 2.0
-    for junk in ["", "\x00\ufffd garbage!!", "not not not", "🎬" * 50, " funny funny funny."]:
-        assert math.isfinite(data.reward("p", junk)) and not data.is_valid(junk)
-    assert data.is_valid(" funny, and the plot was not dull.")
-    assert data.is_valid(" funny, and the plot was not dull.<|endoftext|>")
-
-
-def test_corrupted_responses_are_invalid():
-    """300 seeded sft responses, each corrupted once. Changing one character to a different one
-    always breaks the grammar (every character is fixed by it): 300 of 300 invalid. Dropping a word
-    keeps the response valid exactly when the word was an optional "not", "very" or "truly"
-    (asserted case by case); with this seed that happens 22 times: 278 of 300 invalid."""
-    rng = random.Random(0)
-    responses = [r for _, r in data.make_task(seed=1, n_sft=300, n_pairs=0, n_val_pairs=0)["sft"]]
-    changed = []
-    for r in responses:
-        i = rng.randrange(len(r))
-        changed.append(r[:i] + rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz ,." if c != r[i]]) + r[i + 1:])
-    assert sum(not data.is_valid(c) for c in changed) == 300
-    invalid = 0
-    for r in responses:
-        words = r.split(" ")
-        i = rng.randrange(1, len(words))
-        valid = data.is_valid(" ".join(words[:i] + words[i + 1:]))
-        assert valid == (words[i] in ("not", "very", "truly")), (r, words[i])
-        invalid += not valid
-    assert invalid == 278
-
-
-def test_make_task_is_deterministic_valid_and_ranked():
-    """Same seed -> identical task, other seed -> different. Every generated
-    response parses, every pair has chosen reward > rejected reward, counts
-    match the arguments, and no val or eval prompt is ever a train or sft prompt."""
-    t = data.make_task(seed=5, n_sft=500, n_pairs=400, n_val_pairs=100, n_eval_prompts=300)
-    keys = ("sft", "train", "val", "eval_prompts")
-    assert all(t[k] == v for k, v in zip(keys, (data.make_task(5, 500, 400, 100, 300)[k] for k in keys)))
-    assert data.make_task(6, 500, 400, 100, 300)["train"] != t["train"]
-    assert [len(t[k]) for k in keys] == [500, 400, 100, 300]
-    responses = [r for _, r in t["sft"]] + [p[s] for p in t["train"] + t["val"] for s in ("chosen", "rejected")]
-    assert all(t["is_valid"](r) for r in responses)
-    assert all(t["reward"](p["prompt"], p["chosen"]) > t["reward"](p["prompt"], p["rejected"])
-               for p in t["train"] + t["val"])
-    seen = {p["prompt"] for p in t["train"]} | {p for p, _ in t["sft"]}
-    assert not seen & ({p["prompt"] for p in t["val"]} | set(t["eval_prompts"]))
-    assert all(p.endswith((" felt", " was", " seemed")) for p in seen)
-
-
-def test_make_task_defaults_are_varied():
-    """With the defaults, latent tones give every reward from -4 to +4 in the sft data (a response
-    has 1 + 1..3 adjectives, each +-1, so 2..4 of them: |reward| <= 4, odd values from 3); the
-    256 eval prompts cycle through all 16 held-out opener x genre combinations x 3 verbs = 48."""
-    t = data.make_task()
-    assert {data.reward(p, r) for p, r in t["sft"]} == {float(x) for x in range(-4, 5)}
-    assert len(t["eval_prompts"]) == 256 and len(set(t["eval_prompts"])) == 48

@@ -12,17 +12,11 @@ import sys
 import pytest
 import torch
 
-from conftest import U32, float64_logps, token_bound
+from conftest import float64_logps, tiny_model, token_bound
 from dpo import concatenated_logps, dpo_loss, response_token_logps
-from model import GPT, MLP, GPTConfig, ScalarGPT, digest, load_checkpoint, load_model, load_safetensors, save_checkpoint
+from model import GPT, MLP, GPTConfig, load_safetensors
 
 
-def tiny_model(seed=0, **kw):
-    """A 2-layer, 16-wide GPT over a 37-token vocabulary, in eval mode (no dropout)."""
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=37, block_size=64, n_layer=2, n_head=2, n_embd=16)
-    cfg.update(kw)
-    return GPT(GPTConfig(**cfg)).eval()
 
 
 def sharp_model(seed):
@@ -362,88 +356,14 @@ def test_checkpoint_errors(tmp_path):
         GPT.from_pretrained(str(tmp_path))
 
 
-# ------------------------------------------------------------------------------------------------
-# checkpoints of this project: atomic, finite, verified
-
-class Payload:
-    """An object that would run code if unpickled."""
-    def __reduce__(self):
-        return (print, ("UNPICKLED",))
 
 
-def test_checkpoint_round_trip_and_kinds(tmp_path):
-    """save_checkpoint then load_model gives the same weights; the stored sha256 is the digest of
-    everything else in the file. A reward model (ScalarGPT) is refused where a policy is asked for,
-    and the other way round, each message naming what the file holds."""
-    m, path = tiny_model(), str(tmp_path / "a.pt")
-    sha = save_checkpoint(path, m, step=3)
-    ck = load_checkpoint(path)
-    assert ck["sha256"] == sha == digest({k: v for k, v in ck.items() if k != "sha256"}) and ck["step"] == 3
-    assert torch.equal(load_model(path).transformer.wte.weight, m.transformer.wte.weight)
-    with pytest.raises(ValueError, match="a.pt: holds a language model \\(policy\\), where a reward model is needed"):
-        load_model(path, kind="ScalarGPT")
-    save_checkpoint(str(tmp_path / "rm.pt"), ScalarGPT.from_model(m))
-    with pytest.raises(ValueError, match="rm.pt: holds a reward model, where a language model"):
-        load_model(str(tmp_path / "rm.pt"))
 
 
-def test_digest_sees_every_byte_and_shape():
-    """The digest changes when one bit of one float changes (1.0 -> nextafter(1.0)), when the same
-    bytes take another shape, or when a non-tensor value changes; equal content gives equal digests
-    whatever the dict order."""
-    x = torch.ones(4)
-    base = digest({"a": x, "b": [1, "s"]})
-    assert digest({"b": [1, "s"], "a": x.clone()}) == base
-    y = x.clone()
-    y[2] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
-    assert digest({"a": y, "b": [1, "s"]}) != base
-    assert digest({"a": x.reshape(2, 2), "b": [1, "s"]}) != base
-    assert digest({"a": x, "b": [2, "s"]}) != base
 
 
-def test_corrupt_truncated_and_foreign_files_are_refused(tmp_path, capsys):
-    """Bytes flipped in the middle of a checkpoint (inside a weight tensor's data: torch.load still
-    reads it) are caught by the checksum; a truncated file, a file of something else, a checkpoint
-    without a checksum and a file carrying a pickled object are each 'not a checkpoint of this
-    project', and the pickled object's code never runs (nothing printed) and is never suggested."""
-    m, path = tiny_model(), tmp_path / "ckpt.pt"
-    save_checkpoint(str(path), m)
-    raw = bytearray(path.read_bytes())
-    mid = raw.find(m.transformer.wte.weight.detach().numpy().tobytes()[:64]) + 32  # inside wte's bytes
-    assert mid > 32
-    flipped = raw[:mid] + bytes(b ^ 0xFF for b in raw[mid:mid + 4]) + raw[mid + 4:]
-    (tmp_path / "flipped.pt").write_bytes(flipped)
-    torch.load(tmp_path / "flipped.pt", weights_only=True)  # torch itself does not notice
-    with pytest.raises(ValueError, match="flipped.pt: corrupted: its content does not match the checksum"):
-        load_checkpoint(str(tmp_path / "flipped.pt"))
-    (tmp_path / "short.pt").write_bytes(raw[:len(raw) // 2])
-    (tmp_path / "text.pt").write_text("hello")
-    torch.save(dict(model=m.state_dict(), model_args={}), tmp_path / "nosum.pt")
-    torch.save(dict(model=m.state_dict(), extra=Payload()), tmp_path / "evil.pt")
-    for name in ("short.pt", "text.pt", "nosum.pt", "evil.pt"):
-        with pytest.raises(ValueError, match=f"{name}: not a checkpoint of this project") as e:
-            load_checkpoint(str(tmp_path / name))
-        assert "weights_only" not in str(e.value)
-    assert "UNPICKLED" not in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="missing.pt: no such checkpoint"):
-        load_checkpoint(str(tmp_path / "missing.pt"))
 
 
-def test_save_is_atomic_and_refuses_non_finite_weights(tmp_path):
-    """A write that fails half-way (a lambda cannot be pickled) leaves the previous file whole, and
-    no .tmp behind a failed OS write; weights holding a NaN or an inf are never written."""
-    m, path = tiny_model(), str(tmp_path / "ckpt.pt")
-    save_checkpoint(path, m, step=1)
-    with pytest.raises(Exception):
-        save_checkpoint(path, m, step=2, bad=lambda: 0)
-    assert load_checkpoint(path)["step"] == 1
-    with torch.no_grad():
-        m.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="ckpt.pt: not written: non-finite weights in transformer.h.0.mlp.c_fc.weight"):
-        save_checkpoint(path, m, step=3)
-    assert load_checkpoint(path)["step"] == 1
-    with pytest.raises(OSError, match="nodir/x.pt: cannot write it"):
-        save_checkpoint(str(tmp_path / "nodir" / "x.pt"), tiny_model())
 
 
 # ------------------------------------------------------------------------------------------------

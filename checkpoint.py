@@ -1,0 +1,187 @@
+"""
+Checkpoints: the file format, and resuming a run exactly where it stopped.
+
+A checkpoint is one torch.save'd dict: the model's weights, shape and kind, whatever the run needs
+to continue (optimizer, step, data position, RNG states, settings, input files' checksums), and a
+sha256 of all of it. It is written atomically (to NAME.tmp, then renamed: a crash mid-write leaves
+the previous file whole), only from finite weights, and read with weights_only=True (tensors and
+plain containers: a pickled object is refused, never run), then checked against its digest.
+
+A run's files: sft.pt (during SFT), ref.pt (the frozen reference, once SFT is done), ckpt.pt (the
+policy, or the reward model, during training). `--init_from=resume` continues from the newest,
+once it is shown to be the same run: the same settings (but MAY_CHANGE), input files, process
+count and reference.
+"""
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import torch
+
+from model import GPT, GPTConfig, ScalarGPT
+from runtime import or_exit, print0, write_json
+
+# what a resumed run may change; every other setting must be the one the run was started with
+MAY_CHANGE = ("init_from", "dpo_iters", "rm_iters", "ppo_iters", "stop_at", "eval_interval", "ckpt_interval",
+              "log_interval", "sft_log_interval", "eval_pairs", "eval_samples", "show_samples", "score_batch_size",
+              "sample_batch_size", "device", "threads", "compile", "grad_checkpoint", "overwrite", "prompt", "export",
+              "out_dir", "data", "tokenizer")  # data and tokenizer: another path to the same bytes (checked)
+
+
+# ------------------------------------------------------------------------------------------------
+# the file format
+
+def digest(obj):
+    """sha256 of a checkpoint's content: every tensor's dtype, shape and bytes and every other value,
+    walked in a fixed order. Stored in the file and checked on load, so a flipped byte in the weights,
+    the optimizer state or the RNG state is caught (torch.load does not check its zip's CRCs)."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy())  # the raw bytes, no copy
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):  # optimizer state has int keys
+                h.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(repr(x).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def finite(t):
+    """No NaN or inf in `t`: its min and max in one pass (NaN propagates into both), no bool copy."""
+    return not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
+def save_checkpoint(path, model, **extra):
+    """Write `model` (weights, shape, kind) and `extra` state to `path` with the digest of it all.
+    Atomic: the bytes go to path.tmp, which replaces `path` only once complete, so a crash mid-write
+    leaves the last good file. Non-finite weights are refused, never written. -> the digest."""
+    sd = model.state_dict()
+    bad = [k for k, v in sd.items() if not finite(v)]
+    if bad:
+        raise ValueError(f"{path}: not written: non-finite weights in {', '.join(bad[:3])}")
+    ck = dict(model=sd, model_args=asdict(model.config), kind=type(model).__name__, **extra)
+    ck["sha256"] = digest(ck)
+    try:
+        torch.save(ck, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # a full disk, a missing folder: torch raises either
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise OSError(f"{path}: cannot write it ({why}); the previous file, if any, is intact") from None
+    return ck["sha256"]
+
+
+def load_checkpoint(path):
+    """A file written by save_checkpoint, verified: read with weights_only (tensors and plain
+    containers, never code) and refused unless its content matches the digest written with it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a zip, or a pickled object: never unpickled to find out
+        raise ValueError(f"{path}: not a checkpoint of this project (unreadable: {type(e).__name__})") from None
+    if not isinstance(ck, dict) or not {"model", "model_args", "sha256"} <= ck.keys():
+        raise ValueError(f"{path}: not a checkpoint of this project (no weights, shape or checksum)")
+    if digest({k: v for k, v in ck.items() if k != "sha256"}) != ck["sha256"]:
+        raise ValueError(f"{path}: corrupted: its content does not match the checksum written with it")
+    return ck
+
+
+def load_model(path, device="cpu", dropout=0.0, kind="GPT"):
+    """A model from a checkpoint of this project (a GPT policy, or with kind='ScalarGPT' a reward
+    model) or, for a GPT, a Hugging Face GPT-2 folder."""
+    if os.path.isdir(path) and kind == "GPT":
+        return GPT.from_pretrained(path, dropout=dropout).to(device)
+    ck = load_checkpoint(path)
+    names = dict(GPT="a language model (policy)", ScalarGPT="a reward model")
+    if ck.get("kind", "GPT") != kind:
+        raise ValueError(f"{path}: holds {names.get(ck.get('kind'), ck.get('kind'))}, where {names[kind]} is needed")
+    try:
+        model = (ScalarGPT if kind == "ScalarGPT" else GPT)(GPTConfig(**{**ck["model_args"], "dropout": dropout}))
+        model.load_state_dict(ck["model"])
+    except (TypeError, RuntimeError, AssertionError) as e:
+        raise ValueError(f"{path}: its weights do not fit its model shape ({str(e).splitlines()[0][:120]})") from None
+    return model.to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# a run's checkpoints: save, find where it stopped, restore
+
+def save_state(cfg, run, inputs, stage, model, optimizer, step, data_state, **extra):
+    """ckpt.pt (sft.pt during SFT): weights, optimizer, step, data position and RNG, everything a run
+    needs to continue, and what it must continue with: settings, input files, processes, reference.
+    -> the label a divergence stop names ("out/ckpt.pt (dpo step 50)")."""
+    path = os.path.join(cfg.out_dir, "sft.pt" if stage == "sft" else "ckpt.pt")
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if run.dev_type == "cuda" else [])
+    if run.master:  # every rank holds the same weights; one writes, every rank knows what was written
+        or_exit(save_checkpoint, path, model, stage=stage, optimizer=optimizer.state_dict(), step=step, data=data_state,
+                rng=rng, config=dict(vars(cfg)), inputs=inputs, world=run.world, reference=run.ref_sha256, **extra)
+    return f"{path} ({stage} step {step})"
+
+
+def restore_state(model, optimizer, ck):
+    """The inverse of save_state: loads weights, optimizer and RNG. -> (step, data state)."""
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng"]["torch"])  # dropout masks (rank 0's state; exact when dropout=0)
+    if ck["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    return ck["step"], ck["data"]
+
+
+def resumed_settings(cfg, given):
+    """--init_from=resume: the run's own settings (out_dir/config.json) in place of every default
+    that was not given on the command line. `cfg` {key: value} is updated in place."""
+    saved = os.path.join(cfg["out_dir"], "config.json")
+    if cfg["init_from"] == "resume" and os.path.isfile(saved):
+        with open(saved) as f:
+            cfg.update({k: v for k, v in json.load(f).items()
+                        if k in cfg and k not in given and k not in ("init_from", "stop_at", "overwrite")})
+
+
+def resume_point(cfg, run, inputs):
+    """--init_from=resume: the run's latest checkpoint (ckpt.pt, else sft.pt, else ref.pt: stopped
+    before its first training checkpoint), once it is shown to be this run. Stops naming everything
+    that differs: settings (but MAY_CHANGE), input files, processes, reference. -> (checkpoint or
+    None, the reference's checksum or None)."""
+    if cfg.init_from != "resume":
+        return None, None
+    path = next(os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "sft.pt", "ref.pt")
+                if os.path.isfile(os.path.join(cfg.out_dir, f)))
+    ck = or_exit(load_checkpoint, path)
+    saved, ref_path, ref_sha = ck.get("config", {}), os.path.join(cfg.out_dir, "ref.pt"), None
+    if path == ref_path:
+        ref_sha = ck["sha256"]
+    elif ck.get("reference"):  # a training checkpoint names the reference it trained against
+        ref_sha = or_exit(load_checkpoint, ref_path)["sha256"]
+    diff = [f"--{k}={v!r} (the run has {saved.get(k)!r})" for k, v in vars(cfg).items()
+            if k not in MAY_CHANGE and saved.get(k) != v]
+    diff += [f"the {k} file's content" for k, v in inputs.items() if ck.get("inputs", {}).get(k) != v]
+    diff += [f"{run.world} processes (the run has {ck['world']})"] if ck.get("world", run.world) != run.world else []
+    diff += [f"{ref_path}, not the reference the run trained against"] if ck.get("reference") not in (None, ref_sha) else []
+    if diff:
+        sys.exit(f"--init_from=resume: {path} is another run; what differs: {'; '.join(diff)}. "
+                 f"May change on resume: {', '.join(MAY_CHANGE)}")
+    iters = dict(dpo=cfg.dpo_iters, rm=cfg.rm_iters, ppo=cfg.ppo_iters, sft=cfg.sft_iters).get(ck["stage"])
+    if iters is not None and ck["step"] > iters:
+        sys.exit(f"--init_from=resume: {path} is at {ck['stage']} step {ck['step']}, past the {iters} asked for: "
+                 f"pass a larger --{ck['stage']}_iters")
+    if run.master:  # the settings the run now continues with
+        or_exit(write_json, os.path.join(cfg.out_dir, "config.json"), vars(cfg))
+    print0(f"resuming from {path}: " + ("SFT is done; training starts at step 1, no checkpoint of it was written"
+                                        if ck["stage"] == "ref" else f"{ck['stage']} step {ck['step']}"))
+    return ck, ref_sha

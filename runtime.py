@@ -1,0 +1,282 @@
+"""
+The run's plumbing, so that train.py can read as the recipe: processes (DDP), device and precision,
+the output folder, the metrics log, stop signals, the optimizer and its schedule, and the divergence
+guard that stops a run before it saves a broken model.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+RUN_FILES = ("ref.pt", "sft.pt", "ckpt.pt", "config.json", "metrics.jsonl", "eval.json")
+
+
+def print0(*a, **kw):
+    """print, on rank 0 only (every process runs the same script)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **kw, flush=True)
+
+
+def or_exit(fn, *args, **kw):
+    """Bad input (a file, a field, a tokenizer, a checkpoint) stops with its message, not a traceback."""
+    try:
+        return fn(*args, **kw)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+def write_json(path, obj):
+    """Write `obj` as JSON atomically: a crash mid-write leaves the previous file whole."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------------------------------------
+# processes, device, precision
+
+@dataclass
+class Run:
+    """Where and how this process runs, fixed by setup()."""
+    ddp: bool               # launched by torchrun
+    rank: int               # this process, 0 .. world - 1
+    world: int              # processes
+    device: str             # 'cpu', 'cuda:0', ...
+    dtype: str              # 'float32' or 'bfloat16' (autocast)
+    accum: int              # micro-steps per optimizer step, per process (grad_accum / world)
+    out_dir: str
+    t_start: float = field(default_factory=time.time)
+    ref_sha256: Any = None  # the reference's checksum, once it exists (checkpoints name it)
+    metrics: Any = None     # the open metrics.jsonl (rank 0)
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def dev_type(self):
+        return self.device.split(":")[0]
+
+    @property
+    def ctx(self):
+        """The autocast context of every forward pass: bf16, or nothing (fp32)."""
+        return torch.autocast(self.dev_type, dtype=torch.bfloat16) if self.dtype == "bfloat16" else nullcontext()
+
+    def log(self, record):
+        """One JSON line per log, evaluation and final record in metrics.jsonl, written by rank 0."""
+        if self.metrics:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+
+def cpu_has_bf16():
+    """avx512_bf16 or AMX: bf16 matmuls several times faster than fp32 (see bench.py)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def setup(cfg):
+    """Processes, device, precision, seed and the output folder. -> Run."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        check_device(device)
+    if ddp and cfg.method in ("reward_model", "ppo", "best_of_n"):
+        sys.exit(f"--method={cfg.method} runs in one process; torchrun (DDP) is supported for dpo, preferred_ft and unlikelihood")
+    if cfg.grad_accum % world:
+        sys.exit(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes ({world})")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dtype, dev_type = cfg.dtype, device.split(":")[0]
+    if dtype == "auto":  # bf16 where the hardware multiplies it natively (measured faster), else fp32
+        dtype = "bfloat16" if (torch.cuda.is_bf16_supported() if dev_type == "cuda" else
+                               dev_type == "cpu" and cpu_has_bf16()) else "float32"
+    torch.manual_seed(cfg.seed + rank)
+    run = Run(ddp=ddp, rank=rank, world=world, device=device, dtype=dtype, accum=cfg.grad_accum // world,
+              out_dir=cfg.out_dir)
+    prepare_out_dir(cfg, run)
+    print0(json.dumps(dict(vars(cfg), resolved_device=device, resolved_dtype=dtype, world_size=world), indent=1))
+    if run.master and cfg.init_from != "resume" and not cfg.eval_only:  # a resumed run keeps its own (checked later)
+        or_exit(write_json, os.path.join(cfg.out_dir, "config.json"), vars(cfg))
+    if run.master and not cfg.eval_only:
+        run.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+    return run
+
+
+def check_device(device):
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        sys.exit(f"bad value for --device: {device!r} ({str(e).splitlines()[0]})")
+    count = dict(cuda=torch.cuda.device_count(), mps=int(torch.backends.mps.is_available())).get(dev.type, 1)
+    if count == 0 or (dev.index or 0) >= count:
+        sys.exit(f"--device={device}: not available on this machine ({count} {dev.type} devices); try --device=cpu")
+
+
+def prepare_out_dir(cfg, run):
+    """out_dir exists and can be written, and holds one run: a new run stops rather than write over
+    another run's checkpoints or results unless --overwrite=True (which deletes them); a resumed run
+    needs them. The settings and log of a run that left neither are cleared without asking."""
+    d = cfg.out_dir
+    if os.path.exists(d) and not os.path.isdir(d):
+        sys.exit(f"--out_dir={d} is a file, not a folder")
+    try:
+        os.makedirs(d, exist_ok=True)
+        probe = os.path.join(d, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        sys.exit(f"--out_dir={d}: cannot write there ({e.strerror or e})")
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(d, f))]
+    if cfg.eval_only:
+        return
+    if cfg.init_from == "resume":
+        if "ref.pt" not in found and "sft.pt" not in found:
+            sys.exit(f"--init_from=resume: {d} holds no run to continue (no ref.pt or sft.pt)")
+        return
+    if not cfg.overwrite and any(f.endswith(".pt") or f == "eval.json" for f in found):
+        sys.exit(f"{d} holds another run's files ({', '.join(found)}): add --overwrite=True to replace them, "
+                 f"--init_from=resume to continue that run, or choose another --out_dir")
+    if os.path.basename(cfg.init_from) in found and os.path.abspath(os.path.dirname(cfg.init_from)) == os.path.abspath(d):
+        sys.exit(f"--init_from={cfg.init_from} lies in the out_dir that --overwrite=True would clear; copy it elsewhere")
+    if run.ddp:
+        dist.barrier()  # every rank has looked before rank 0 deletes
+    if run.master:
+        for f in found:
+            os.remove(os.path.join(d, f))
+
+
+# ------------------------------------------------------------------------------------------------
+# stopping on a signal
+
+STOP = []  # (signal, time) of the stop request; the training loops check it after every step
+
+
+def on_signal(signum, frame):
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's): finish the step, checkpoint, exit. A second signal
+    stops at once, unless it comes within 2 s of the first: torchrun relays the one it received."""
+    if STOP:
+        if time.time() - STOP[0][1] > 2:
+            raise KeyboardInterrupt
+        return
+    STOP.append((signum, time.time()))
+    print0(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint and exit (again: stop at once)")
+
+
+def stop_requested(run):
+    """Has a signal asked the run to stop? Under DDP a signal to any rank stops every rank at one step."""
+    if not run.ddp:
+        return bool(STOP)
+    flag = torch.tensor([float(bool(STOP))], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def exit_for_signal(run, stage, step):
+    if run.ddp:
+        dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has saved
+    signum = STOP[0][0] if STOP else signal.SIGTERM
+    print0(f"stopped by {signal.Signals(signum).name} at {stage} step {step}, checkpoint written. "
+           f"Continue with: python train.py --init_from=resume --out_dir={run.out_dir}")
+    sys.exit(128 + signum)
+
+
+# ------------------------------------------------------------------------------------------------
+# the optimizer, its schedule, and the divergence guard
+
+def make_optimizer(cfg, model, lr):
+    """AdamW (or the DPO paper's RMSprop); weight decay on matrices only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)]
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
+
+
+def lr_at(step, peak, warmup, total, cosine):
+    """Linear warm-up from peak/warmup at step 0 (never 0), then constant or cosine down to 10%."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if not cosine:
+        return peak
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def set_lr(optimizers, lr):
+    for g in (g for opt in optimizers for g in opt.param_groups):
+        g["lr"] = lr
+
+
+def clip_and_step(params, optimizer, grad_clip):
+    """Clip the gradient norm (0: no clipping), take the step, clear the gradients. -> the norm
+    before clipping; a non-finite norm is returned before the step, which is then not taken."""
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    if torch.isfinite(gnorm):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return gnorm
+
+
+class Guard:
+    """The divergence rule of one training stage. Before a step is taken, its loss must be finite and
+    at most `diverge` x max(the stage's first loss, 1); the step is taken only if its gradient norm is
+    finite; after it, the weights must be finite and their norm at most double what it was (a step
+    that big means a learning rate far too high). Otherwise the run stops before anything of the
+    step is saved, naming the last checkpoint written: written from weights that passed these checks."""
+
+    def __init__(self, cfg, run, stage, models, last_ckpt, first_loss=None):
+        self.diverge, self.run, self.stage, self.models, self.last_ckpt = cfg.diverge, run, stage, models, last_ckpt
+        self.first_loss, self.norm = first_loss, self.weight_norm()  # first_loss: a resumed stage's scale
+
+    def weight_norm(self):
+        return torch.stack([p.detach().float().norm() for m in self.models for p in m.parameters()]).norm().item()
+
+    def before_step(self, step, loss):
+        """`loss`: the step's loss tensor (averaged over processes here, so that every rank agrees)."""
+        if self.run.ddp:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= self.run.world
+        loss = loss.item()
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        if not math.isfinite(loss):
+            self.stop(step, "non-finite loss")
+        if self.diverge and loss > self.diverge * max(self.first_loss, 1.0):
+            self.stop(step, f"loss {loss:.4g} is over --diverge={self.diverge:g} x max(first loss {self.first_loss:.4g}, 1)")
+
+    def after_step(self, step, *gnorms):
+        """`gnorms`: the step's gradient norms from clip_and_step (which takes no non-finite step)."""
+        if not all(torch.isfinite(g) for g in gnorms):
+            self.stop(step, f"non-finite gradient norm {[g.item() for g in gnorms]}")
+        norm = self.weight_norm()
+        if not math.isfinite(norm):
+            self.stop(step, "non-finite weights")
+        if self.diverge and norm > 2 * self.norm:
+            self.stop(step, f"the weights' norm went from {self.norm:.4g} to {norm:.4g} in one step")
+        self.norm = norm
+
+    def stop(self, step, why):
+        sys.exit(f"{self.stage} step {step}: {why}; stopped without saving it (lower the learning rate?). "
+                 f"The last good checkpoint is {self.last_ckpt}")

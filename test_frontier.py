@@ -1,0 +1,83 @@
+"""
+Tests of scripts/frontier.sh and scripts/frontier_report.py, the DPO paper's Figure 2: the report's
+means, spreads and bounds, and a toy-size dry run of the whole sweep.
+"""
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+from conftest import HERE, TINY, read_metrics
+
+
+def write_eval(path, **figures):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(figures, f)
+
+
+def test_frontier_report_means_spreads_and_bounds(tmp_path, capsys, monkeypatch):
+    """Two seeds of dpo-beta1 with KL 1 and 3, reward 2 and 4: mean 2.00 and 3.00, sample standard
+    deviation sqrt(((1-2)^2 + (3-2)^2) / (2-1)) = 1.41 for both. Best-of-4 shows its KL as the bound
+    log 4 - 3/4 = 0.64, without spread; the reference (all implicit rewards 0) has no held-out
+    accuracy. Rows in method order (reference, DPO, ..., Best-of-N). Without matplotlib the picture
+    is skipped with a message; with it, a PNG is written."""
+    monkeypatch.syspath_prepend(os.path.join(HERE, "scripts"))
+    import frontier_report
+    base = dict(win_rate=0.5, valid_fraction=1.0, pref_accuracy=0.75, val_margin=1.0, wall_seconds=10.0)
+    write_eval(tmp_path / "dpo-beta1" / "s1" / "eval.json", **{**base, "kl": 1.0, "policy_reward": 2.0})
+    write_eval(tmp_path / "dpo-beta1" / "s2" / "eval.json", **{**base, "kl": 3.0, "policy_reward": 4.0})
+    write_eval(tmp_path / "best_of-4" / "s1" / "eval.json", **{**base, "kl_bound": math.log(4) - 0.75, "policy_reward": 1.0,
+                                                              "val_margin": 0.0})
+    write_eval(tmp_path / "reference" / "eval.json", **{**base, "kl": 0.0, "policy_reward": 0.1, "val_margin": 0.0})
+    frontier_report.main([str(tmp_path)])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and not r.startswith("| point")]
+    assert [r.split(" | ")[0] for r in rows] == ["| reference", "| dpo-beta1", "| best_of-4"]
+    assert rows[1].startswith("| dpo-beta1 | 2 | 2.00 ± 1.41 | 3.00 ± 1.41 | 0.500 ± 0.000 |")
+    assert "| ≤ 0.64 (bound) |" in rows[2] and rows[0].split(" | ")[6] == "-"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert frontier_report.plot(*frontier_report.collect(str(tmp_path))[:1], str(tmp_path / "f.png")) is False
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    monkeypatch.delitem(sys.modules, "matplotlib")
+    if importlib.util.find_spec("matplotlib") is None:  # optional: the picture is checked where it is installed
+        return
+    assert frontier_report.plot(frontier_report.collect(str(tmp_path))[0], str(tmp_path / "f.png"))
+    assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_frontier_sweep_dry_run_resumes_and_skips_finished_runs(tmp_path):
+    """scripts/frontier.sh at toy size, two runs at a time: a reference, then DPO, PPO-GT and
+    Best-of-2 for two policy seeds, and the table. EXTRA's settings reach every run but yield to the
+    run's own: the reference trains 20 SFT steps and no DPO (its row: KL 0), every policy run
+    starts from its weights (sft_iters=0: the ref.pt each writes holds the same weights), and PPO
+    takes PPO_ITERS = 2 steps, not EXTRA's 5. Every point has both seeds, and Best-of-2's KL is the
+    bound log 2 - 1/2 = 0.19. Run again, it starts nothing (every run has its eval.json) and prints
+    the same table."""
+    env = dict(os.environ, SEEDS="1 2", BETAS="1", ONLINE_BETAS="", KLS="1", RM_KLS="", ALPHAS="", PFT_LRS="", JOBS="2",
+               BEST_OF="2", PPO_ITERS="2", EXTRA=" ".join(TINY + ["--sft_iters=20", "--dpo_iters=2", "--eval_samples=8",
+                                                                  "--ppo_iters=5", "--rollout_batch=8", "--ppo_minibatch=4"]))
+    cmd = ["bash", os.path.join(HERE, "scripts", "frontier.sh"), str(tmp_path)]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    started = [line for line in first.stdout.splitlines() if re.match(r"[\w.-]+( s\d+)?: \d+ s$", line)]
+    assert len(started) == 1 + 3 * 2  # the reference, then 3 points x 2 seeds
+    ref = torch.load(tmp_path / "reference" / "ref.pt", weights_only=True)["model"]
+    for run_dir in (tmp_path / p / s for p in ("dpo-beta1", "ppo_gt-kl1", "best_of-2") for s in ("s1", "s2")):
+        weights = torch.load(run_dir / "ref.pt", weights_only=True)["model"]
+        assert all(torch.equal(weights[k], v) for k, v in ref.items()), run_dir
+    assert [r["stage"] for r in read_metrics(tmp_path / "reference")].count("dpo") == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "dpo-beta1" / "s1") if r["stage"] == "dpo"] == [1, 2]
+    assert [r["step"] for r in read_metrics(tmp_path / "ppo_gt-kl1" / "s2") if r["stage"] == "ppo"] == [1, 2]
+    table = [line for line in first.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[:2] for r in table[1:]] == [["| reference", "1"], ["| dpo-beta1", "2"], ["| ppo_gt-kl1", "2"],
+                                                 ["| best_of-2", "2"]]
+    assert table[1].split(" | ")[2] == "0.00"  # the reference against itself
+    assert "| ≤ 0.19 (bound) |" in table[-1]
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and not [line for line in again.stdout.splitlines() if re.match(r".*: \d+ s$", line)]
+    assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table
