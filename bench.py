@@ -207,6 +207,19 @@ def padding(batches, lengths):
     return sum(len(b) * max(lengths[i] for i in b) for b in batches), sum(lengths[i] for b in batches for i in b)
 
 
+def tokenize_speed(enc, pairs, block):
+    """Pairs per second: encoding one text at a time, tiktoken's threaded batch encoder, tokenize_pairs."""
+    texts = [p[k] for p in pairs for k in ("prompt", "chosen", "rejected")]
+    speed = {}
+    for name, fn in (("one_by_one", lambda: [enc.encode_ordinary(t) for t in texts]),
+                     ("tiktoken_batch", lambda: enc.encode_ordinary_batch(texts, num_threads=8)),
+                     ("tokenize_pairs", lambda: D.tokenize_pairs(pairs, enc, block, verbose=False))):
+        t0 = time.perf_counter()
+        fn()
+        speed[name] = len(pairs) / (time.perf_counter() - t0)
+    return speed
+
+
 def bench_real(device, path, tokenizer, block=512, pairs_per_step=4, steps=2, n_score=128):
     """Real preference pairs through this project's data path and a gpt2-small-shaped model (random
     weights: speed does not depend on them), fp32. Tokenization one pair at a time against the
@@ -216,16 +229,8 @@ def bench_real(device, path, tokenizer, block=512, pairs_per_step=4, steps=2, n_
     real tokens only."""
     enc = D.get_tokenizer(tokenizer)
     pairs = D.load_pairs(path, verbose=False)
-    texts = [p[k] for p in pairs for k in ("prompt", "chosen", "rejected")]
-    speed = {}
-    for name, fn in (("one_by_one", lambda: [enc.encode_ordinary(t) for t in texts]),
-                     ("tiktoken_batch", lambda: enc.encode_ordinary_batch(texts, num_threads=8)),
-                     ("tokenize_pairs", lambda: D.tokenize_pairs(pairs, enc, block, verbose=False))):
-        t0 = time.perf_counter()
-        fn()
-        speed[name] = len(pairs) / (time.perf_counter() - t0)
     tok = D.tokenize_pairs(pairs, enc, block, verbose=False)
-    res = dict(pairs=len(tok), tokenize_pairs_per_s=speed)
+    res = dict(pairs=len(tok), tokenize_pairs_per_s=tokenize_speed(enc, pairs, block))
     rows = [(p, c) for p, c, _ in tok] + [(p, r) for p, _, r in tok]
     rlen = [len(p) + len(y) for p, y in rows]
     plen = [len(p) + max(len(c), len(r)) for p, c, r in tok]

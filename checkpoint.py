@@ -19,9 +19,10 @@ import sys
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 
 from model import GPT, GPTConfig, ScalarGPT
-from runtime import or_exit, print0, write_json
+from runtime import atomic_write, or_exit, print0, write_json
 
 # what a resumed run may change; every other setting must be the one the run was started with
 MAY_CHANGE = ("init_from", "dpo_iters", "rm_iters", "ppo_iters", "stop_at", "eval_interval", "ckpt_interval",
@@ -74,14 +75,7 @@ def save_checkpoint(path, model, **extra):
         raise ValueError(f"{path}: not written: non-finite weights in {', '.join(bad[:3])}")
     ck = dict(model=sd, model_args=asdict(model.config), kind=type(model).__name__, **extra)
     ck["sha256"] = digest(ck)
-    try:
-        torch.save(ck, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # a full disk, a missing folder: torch raises either
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise OSError(f"{path}: cannot write it ({why}); the previous file, if any, is intact") from None
+    atomic_write(path, lambda f: torch.save(ck, f))
     return ck["sha256"]
 
 
@@ -126,50 +120,93 @@ def save_state(cfg, run, inputs, stage, model, optimizer, step, data_state, **ex
     needs to continue, and what it must continue with: settings, input files, processes, reference.
     -> the label a divergence stop names ("out/ckpt.pt (dpo step 50)")."""
     path = os.path.join(cfg.out_dir, "sft.pt" if stage == "sft" else "ckpt.pt")
-    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if run.dev_type == "cuda" else [])
+    rng = [dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if run.dev_type == "cuda" else [])]
+    if run.ddp:  # each rank draws its own dropout masks: every rank's RNG state is saved, by rank
+        rng = [None] * run.world
+        dist.all_gather_object(rng, dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all()
+                                         if run.dev_type == "cuda" else []))
     if run.master:  # every rank holds the same weights; one writes, every rank knows what was written
         or_exit(save_checkpoint, path, model, stage=stage, optimizer=optimizer.state_dict(), step=step, data=data_state,
-                rng=rng, config=dict(vars(cfg)), inputs=inputs, world=run.world, reference=run.ref_sha256, **extra)
+                rng=rng, config=dict(vars(cfg)), inputs=inputs, world=run.world, reference=run.ref_sha256,
+                log_bytes=run.log_bytes(), **extra)
     return f"{path} ({stage} step {step})"
 
 
-def restore_state(model, optimizer, ck):
-    """The inverse of save_state: loads weights, optimizer and RNG. -> (step, data state)."""
+def restore_state(model, optimizer, ck, rank=0):
+    """The inverse of save_state: loads weights, optimizer and this rank's RNG. -> (step, data state)."""
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
-    torch.set_rng_state(ck["rng"]["torch"])  # dropout masks (rank 0's state; exact when dropout=0)
-    if ck["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    rng = ck["rng"][rank]
+    torch.set_rng_state(rng["torch"])  # dropout masks
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return ck["step"], ck["data"]
 
 
-def resumed_settings(cfg, given):
-    """--init_from=resume: the run's own settings (out_dir/config.json) in place of every default
-    that was not given on the command line. `cfg` {key: value} is updated in place."""
-    saved = os.path.join(cfg["out_dir"], "config.json")
-    if cfg["init_from"] == "resume" and os.path.isfile(saved):
-        with open(saved) as f:
-            cfg.update({k: v for k, v in json.load(f).items()
-                        if k in cfg and k not in given and k not in ("init_from", "stop_at", "overwrite")})
+def resumed_settings(cfg, given, defaults):
+    """--init_from=resume: the run's own settings in place of every default not given on the command
+    line, from out_dir/config.json or, if it is missing, from the newest checkpoint. A setting the
+    run predates keeps its default, said in one line. `cfg` {key: value} is updated in place."""
+    path = os.path.join(cfg["out_dir"], "config.json")
+    if os.path.isfile(path):
+        saved = read_settings(path)
+    else:
+        ck_path = newest_checkpoint(cfg["out_dir"])
+        if ck_path is None:
+            return  # no run there: the out_dir check says so
+        saved = or_exit(load_checkpoint, ck_path).get("config", {})
+        print0(f"{path} is missing: resuming with the settings stored in {ck_path}")
+        path = ck_path
+    for k, v in saved.items():
+        if k in defaults and not isinstance(v, type(defaults[k])) and not (type(defaults[k]) is float and type(v) is int):
+            sys.exit(f"{path}: setting '{k}' is {v!r}, not a {type(defaults[k]).__name__}; fix it, or delete "
+                     f"config.json to resume with the settings stored in the checkpoint")
+    new = [k for k in defaults if k not in saved]
+    if new:
+        print0(f"{path} predates {', '.join(f'--{k}' for k in new)}: the run continues with "
+               f"{'their defaults' if len(new) > 1 else 'its default'} ({', '.join(f'{k}={cfg[k]!r}' for k in new)})")
+    cfg.update({k: v for k, v in saved.items() if k in cfg and k not in given and k not in ("init_from", "stop_at", "overwrite")})
 
 
-def resume_point(cfg, run, inputs):
+def read_settings(path):
+    """A run's config.json: {setting: value}, or exit naming the file and what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            saved = json.loads(f.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        sys.exit(f"{path}: not valid JSON ({getattr(e, 'msg', e)}); fix it, or delete it to resume with the settings "
+                 f"stored in the checkpoint")
+    except OSError as e:
+        sys.exit(f"{path}: cannot read it ({e.strerror or e})")
+    if not isinstance(saved, dict):
+        sys.exit(f"{path}: holds a {type(saved).__name__}, not the run's settings; delete it to resume with the "
+                 f"settings stored in the checkpoint")
+    return saved
+
+
+def newest_checkpoint(out_dir):
+    """The checkpoint a resumed run continues from: ckpt.pt, else sft.pt, else ref.pt (or None)."""
+    return next((os.path.join(out_dir, f) for f in ("ckpt.pt", "sft.pt", "ref.pt")
+                 if os.path.isfile(os.path.join(out_dir, f))), None)
+
+
+def resume_point(cfg, run, inputs, defaults):
     """--init_from=resume: the run's latest checkpoint (ckpt.pt, else sft.pt, else ref.pt: stopped
     before its first training checkpoint), once it is shown to be this run. Stops naming everything
-    that differs: settings (but MAY_CHANGE), input files, processes, reference. -> (checkpoint or
-    None, the reference's checksum or None)."""
+    that differs: settings (but MAY_CHANGE; one the run predates counts as its default), input files,
+    processes, reference. The metrics log is cut back to the checkpoint. -> (checkpoint or None,
+    the reference's checksum or None)."""
     if cfg.init_from != "resume":
         return None, None
-    path = next(os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "sft.pt", "ref.pt")
-                if os.path.isfile(os.path.join(cfg.out_dir, f)))
+    path = newest_checkpoint(cfg.out_dir)
     ck = or_exit(load_checkpoint, path)
     saved, ref_path, ref_sha = ck.get("config", {}), os.path.join(cfg.out_dir, "ref.pt"), None
     if path == ref_path:
         ref_sha = ck["sha256"]
     elif ck.get("reference"):  # a training checkpoint names the reference it trained against
         ref_sha = or_exit(load_checkpoint, ref_path)["sha256"]
-    diff = [f"--{k}={v!r} (the run has {saved.get(k)!r})" for k, v in vars(cfg).items()
-            if k not in MAY_CHANGE and saved.get(k) != v]
+    diff = [f"--{k}={v!r} (the run has {saved.get(k, defaults[k])!r})" for k, v in vars(cfg).items()
+            if k not in MAY_CHANGE and saved.get(k, defaults[k]) != v]
     diff += [f"the {k} file's content" for k, v in inputs.items() if ck.get("inputs", {}).get(k) != v]
     diff += [f"{run.world} processes (the run has {ck['world']})"] if ck.get("world", run.world) != run.world else []
     diff += [f"{ref_path}, not the reference the run trained against"] if ck.get("reference") not in (None, ref_sha) else []
@@ -182,6 +219,7 @@ def resume_point(cfg, run, inputs):
                  f"pass a larger --{ck['stage']}_iters")
     if run.master:  # the settings the run now continues with
         or_exit(write_json, os.path.join(cfg.out_dir, "config.json"), vars(cfg))
+        run.cut_log(ck.get("log_bytes"), f"{path} ({ck['stage']} step {ck.get('step', '-')})")
     print0(f"resuming from {path}: " + ("SFT is done; training starts at step 1, no checkpoint of it was written"
                                         if ck["stage"] == "ref" else f"{ck['stage']} step {ck['step']}"))
     return ck, ref_sha

@@ -18,6 +18,7 @@ The bound for response log-probabilities, the quantity nearly every DPO number i
 A loss that is 1-Lipschitz in its argument (-log sigmoid) passes the bound on h through unchanged.
 """
 import copy
+import errno
 import functools
 import json
 import os
@@ -129,3 +130,38 @@ def tiny_rm(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm")
     result = run_train(out, f"--init_from={tiny_run[0]}/ref.pt", "--method=reward_model", "--rm_iters=4", *RLHF)
     return out, result
+
+
+class FullDisk:
+    """A file on a disk that fills after `room` bytes: write() then raises OSError(ENOSPC), as a full
+    disk does. tests put it in place of open() for the files they name (full_disk)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, b):
+        if len(b) > self.room:
+            self.f.write(bytes(b)[:self.room])  # the disk takes what fits, then fails
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return self.f.write(b)
+
+    def __getattr__(self, name):  # flush, fileno, seek, tell, truncate, name, close: the real file's
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def full_disk(monkeypatch, module, names, room):
+    """From now on, files that `module` opens whose name is in `names` sit on a disk with `room` bytes free."""
+    real_open = open
+
+    def fake_open(path, mode="r", *args, **kw):
+        f = real_open(path, mode, *args, **kw)
+        return FullDisk(f, room) if os.path.basename(str(path)) in names else f
+    monkeypatch.setattr(module, "open", fake_open, raising=False)

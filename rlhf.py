@@ -97,7 +97,7 @@ def train_ppo(cfg, run, data, policy, reference, val_ref, resumed):
     kl_ctl = P.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl else None
     step, last = 0, f"{cfg.out_dir}/ref.pt (the SFT model this stage starts from)"
     if resumed is not None:
-        step, state = restore_state(policy, optimizers[0], resumed)
+        step, state = restore_state(policy, optimizers[0], resumed, run.rank)
         prompts.load_state_dict(state["prompts"])
         value.load_state_dict(resumed["value"])
         optimizers[1].load_state_dict(resumed["value_optimizer"])

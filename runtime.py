@@ -33,11 +33,50 @@ def or_exit(fn, *args, **kw):
         sys.exit(f"error: {e}")
 
 
+class _Writes:
+    """A file's write(), remembering the first OSError: torch.save reports a failed write (a full
+    disk) as a RuntimeError of its own ('unexpected pos ...') that does not say why."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def atomic_write(path, write):
+    """Write a file so that a crash or a full disk at any moment leaves its old content or the new,
+    never a torn file: `write(f)` fills path.tmp (binary), which is flushed to the disk and then
+    renamed over `path`. On failure path.tmp is removed and an OSError names the file and the cause
+    ('No space left on device')."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as raw:
+            f = _Writes(raw)
+            try:
+                write(f)
+            except RuntimeError as e:  # torch's report of a failed write; the OSError behind it, if any
+                raise f.error or e
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise OSError(f"{path}: cannot write it ({why}); the previous file, if any, is intact") from None
+
+
 def write_json(path, obj):
-    """Write `obj` as JSON atomically: a crash mid-write leaves the previous file whole."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """`obj` as JSON, written atomically (atomic_write)."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,10 +110,28 @@ class Run:
         return torch.autocast(self.dev_type, dtype=torch.bfloat16) if self.dtype == "bfloat16" else nullcontext()
 
     def log(self, record):
-        """One JSON line per log, evaluation and final record in metrics.jsonl, written by rank 0."""
+        """One JSON line per log, evaluation and final record in metrics.jsonl, written by rank 0. A
+        write that fails (a full disk) is undone, so the log never ends in a torn line."""
         if self.metrics:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+            end, line = self.metrics.seek(0, os.SEEK_END), memoryview((json.dumps(record) + "\n").encode())
+            try:
+                while line:
+                    line = line[self.metrics.write(line):]
+            except OSError as e:
+                self.metrics.truncate(end)
+                sys.exit(f"{self.metrics.name}: cannot write it ({e.strerror or e}); it holds every record before this one")
+
+    def log_bytes(self):
+        """The metrics log's length: a checkpoint records it, and a resumed run cuts the log back to
+        it, so that the steps taken after the last checkpoint (before a kill -9) are not logged twice."""
+        return self.metrics.seek(0, os.SEEK_END) if self.metrics else None
+
+    def cut_log(self, length, why):
+        """Cut metrics.jsonl back to `length` bytes (a checkpoint's log_bytes)."""
+        if self.metrics and length is not None and self.metrics.seek(0, os.SEEK_END) > length:
+            self.metrics.truncate(length)
+            self.metrics.seek(length)
+            print0(f"{self.metrics.name}: cut back to {why}; the steps after it are logged again")
 
 
 def cpu_has_bf16():
@@ -119,7 +176,7 @@ def setup(cfg):
     if run.master and cfg.init_from != "resume" and not cfg.eval_only:  # a resumed run keeps its own (checked later)
         or_exit(write_json, os.path.join(cfg.out_dir, "config.json"), vars(cfg))
     if run.master and not cfg.eval_only:
-        run.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+        run.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "ab", buffering=0)  # unbuffered: each line at once
     return run
 
 

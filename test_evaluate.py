@@ -89,13 +89,19 @@ def judge_that_raises(prompt, a, b):
     raise RuntimeError("reward model offline")
 
 
+def judge_that_returns_two(prompt, a, b):
+    return 2
+
+
 @pytest.mark.parametrize("spec, message", [
     ("no_such_module_xyz:judge", "--judge=no_such_module_xyz:judge: cannot load it"),
     ("test_evaluate:no_such_function", "--judge=test_evaluate:no_such_function: cannot load it"),
     ("test_evaluate:judge_that_raises", "judge test_evaluate:judge_that_raises raised RuntimeError: reward model offline"),
+    ("test_evaluate:judge_that_returns_two", "judge test_evaluate:judge_that_returns_two returned 2; it must return 0, 1 or None"),
 ])
 def test_bad_judges_name_themselves(tiny_run, tmp_path, spec, message):
-    """A judge that cannot be imported, does not exist, or raises stops the run with its name."""
+    """A judge that cannot be imported, does not exist, raises, or returns something other than 0, 1 or
+    None stops the run with its name."""
     ref = os.path.join(tiny_run[0], "ref.pt")
     with pytest.raises(SystemExit, match=re.escape(message)):
         run_train(tmp_path, f"--init_from={ref}", "--sft_iters=0", "--dpo_iters=2", "--online=True", f"--judge={spec}")

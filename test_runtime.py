@@ -2,6 +2,7 @@
 Tests of runtime.py: the learning-rate schedule, clipping, the divergence guard (by hand, then in a
 run), one run per output folder, and stopping on a signal.
 """
+import errno
 import os
 import re
 import signal
@@ -139,3 +140,24 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tiny_run, small_file, t
     run_train(tmp_path / "a", *args, f"--dpo_iters={stopped + 3}")
     la, lb = ([r["loss"] for r in read_metrics(tmp_path / d) if r["stage"] == "dpo"] for d in "ab")
     assert len(la) == stopped + 3 and lb[:stopped] + lb[-3:] == la
+
+
+def test_an_out_dir_that_cannot_be_written(tmp_path, monkeypatch):
+    """An out_dir on a read-only file system stops the run before any work, with one line naming the
+    folder and the cause. Simulated: the folder's write probe fails with EROFS (as root, which these
+    tests may run as, a chmod'ed folder stays writable). Where the tests do not run as root, a real
+    folder with mode 0o500 is refused the same way (EACCES)."""
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kw):
+        if ".write-test-" in str(path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, mode, *args, **kw)
+    monkeypatch.setattr(runtime, "open", read_only, raising=False)
+    with pytest.raises(SystemExit, match=r"--out_dir=.*/ro: cannot write there \(Read-only file system\)"):
+        run_train(tmp_path / "ro", *FAST)
+    monkeypatch.undo()
+    if os.geteuid() != 0:
+        (tmp_path / "locked").mkdir(mode=0o500)
+        with pytest.raises(SystemExit, match=r"--out_dir=.*/locked: cannot write there \(Permission denied\)"):
+            run_train(tmp_path / "locked", *FAST)

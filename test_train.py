@@ -333,8 +333,12 @@ def bad_inputs(tmp_path, tiny_run):
     (t / "hf").mkdir()
     write_config(t / "hf", tiny_model(vocab_size=257).config)
     (t / "hf" / "pytorch_model.bin").write_bytes(b"\x00garbage")
+    (t / "hf_evil").mkdir()
+    write_config(t / "hf_evil", tiny_model(vocab_size=257).config)
+    torch.save({"transformer.wte.weight": torch.zeros(1), "x": Payload()}, t / "hf_evil" / "pytorch_model.bin")
     (t / "afile").write_text("x")
     (t / "empty.tiktoken").write_text("")
+    (t / "garbage.tiktoken").write_bytes(bytes(range(256)) * 4)
     return [
         ([f"--data={t}/corrupt.jsonl.gz"], r"corrupt.jsonl.gz: cannot read as UTF-8 text \((BadGzipFile|error|EOFError)"),
         ([f"--data={t}/one.jsonl"], r"one.jsonl: its 1 pairs share one prompt"),
@@ -345,6 +349,7 @@ def bad_inputs(tmp_path, tiny_run):
         ([f"--init_from={t}/tensor.pt"], r"tensor.pt: not a checkpoint of this project \(no weights"),
         ([f"--init_from={t}/evil.pt"], r"evil.pt: not a checkpoint of this project"),
         ([f"--init_from={t}/hf"], r"pytorch_model.bin: not a readable PyTorch weights file"),
+        ([f"--init_from={t}/hf_evil"], r"hf_evil/pytorch_model.bin: not a readable PyTorch weights file"),
         ([f"--init_from={t}/missing.pt"], r"missing.pt: no such checkpoint"),
         (["--out_dir=" + str(t / "afile")], r"--out_dir=.*afile is a file, not a folder"),
         (["--out_dir=" + str(t / "afile" / "sub")], r"--out_dir=.*afile/sub: cannot write there"),
@@ -355,6 +360,9 @@ def bad_inputs(tmp_path, tiny_run):
         (["--device=cuda"], r"--device=cuda: not available on this machine"),
         (["--device=banana"], r"bad value for --device: 'banana'"),
         ([f"--tokenizer={t}/empty.tiktoken"], r"empty.tiktoken: empty .tiktoken file"),
+        ([f"--tokenizer={t}/garbage.tiktoken"], r"garbage.tiktoken: line 1: expected 'base64-token rank'"),
+        (["--dtype=float16"], r"bad value for --dtype: 'float16' \(must be 'auto', 'float32' or 'bfloat16'\)"),
+        ([f"--judge={t}/missing-rm.pt"], r"missing-rm.pt: no such checkpoint"),
         (["--judge=no_colon"], r"bad value for --judge: 'no_colon'"),
         (["--dpo_iters=ten"], r"bad value for --dpo_iters: 'ten' is not a int"),
     ]
@@ -362,13 +370,15 @@ def bad_inputs(tmp_path, tiny_run):
 
 def test_bad_inputs_stop_with_one_line(tiny_run, tmp_path, capsys):
     """Each bad input of the table stops with a one-line message naming the file or setting, never a
-    traceback, and never suggests unpickling (weights_only=False)."""
+    traceback, and never suggests unpickling (weights_only=False); the pickled objects in the table
+    (a checkpoint's, a Hugging Face folder's) never run (they would print UNPICKLED)."""
     for i, (args, message) in enumerate(bad_inputs(tmp_path, tiny_run)):
         out = [a for a in args if a.startswith("--out_dir=")] or [f"--out_dir={tmp_path / f'run{i}'}"]
         with pytest.raises(SystemExit) as e:
             train.main(TINY + [a for a in args if not a.startswith("--out_dir=")] + out)
         msg = str(e.value.code)
         assert re.search(message, msg) and "\n" not in msg and "weights_only" not in msg, (args, msg)
+    assert "UNPICKLED" not in capsys.readouterr().out
 
 
 def test_block_size_crops_a_loaded_gpt2_and_export_round_trips(tmp_path):

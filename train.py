@@ -49,18 +49,15 @@ CONFIG = dict(
     task=("", "module:name, a task of your own: name(seed) returns a task.Task (task.py says what it holds)"),
     val_fraction=(0.05, "share of a preference file's prompts held out for evaluation"),
     min_prompt_tokens=(8, "truncation keeps at least this many prompt tokens before it cuts responses"),
-    length_group=(50, "SFT and DPO steps come from runs of this many optimizer steps sorted by length, so each pads "
-                      "little (0: plain shuffled batches; the reviews task always uses 0)"),
+    length_group=(50, "steps come from runs of this many steps sorted by length: little padding (0: off; reviews: off)"),
     # model
     init_from=("scratch", "'scratch', 'resume' (out_dir/ckpt.pt), a checkpoint .pt, or a Hugging Face GPT-2 folder"),
     n_layer=(4, "transformer blocks (scratch only)"),
     n_head=(4, "attention heads (scratch only)"),
     n_embd=(128, "width (scratch only)"),
-    block_size=(0, "context length in tokens; sequences are truncated to it. 0: 256 for a new model, a loaded "
-                   "one's own; below a loaded model's, its position table is cropped (as nanoGPT does)"),
+    block_size=(0, "context length; sequences are cut to fit. 0: 256 new, a loaded model's own; smaller crops it"),
     dropout=(0.0, "dropout in the policy; the reference never uses it"),
-    grad_checkpoint=(False, "activation checkpointing: keep only each block's input, recompute the rest in "
-                            "backward (less memory, about a third more compute)"),
+    grad_checkpoint=(False, "activation checkpointing: recompute each block in backward (less memory, ~1/3 more compute)"),
     # stage 1: the reference, by maximum likelihood on responses (the task's SFT texts or the chosen ones)
     sft_iters=(1200, "SFT steps before DPO (0: init_from already is the reference)"),
     sft_batch_size=(32, "sequences per SFT step, per process"),
@@ -76,28 +73,23 @@ CONFIG = dict(
     optimizer=("adamw", "'adamw' or 'rmsprop' (the DPO paper's)"),
     weight_decay=(0.0, "AdamW weight decay on matrices"),
     grad_clip=(1.0, "clip the gradient norm to this (0: off)"),
-    diverge=(100.0, "stop a stage whose loss passes this many times max(its first loss, 1) (SFT, DPO, reward "
-                    "model), or whose weights' norm more than doubles in one step (0: only non-finite values stop it)"),
-    method=("dpo", "'dpo'; baselines: 'preferred_ft' (likelihood of the chosen only), 'unlikelihood' (and unlikelihood "
-                   "of the rejected), 'best_of_n' (no training); RLHF: 'reward_model', then 'ppo'"),
+    diverge=(100.0, "stop when a loss passes this x max(first loss, 1) or the weights' norm doubles in a step (0: off)"),
+    method=("dpo", "'dpo'; baselines 'preferred_ft', 'unlikelihood', 'best_of_n'; RLHF: 'reward_model', then 'ppo'"),
     beta=(1.0, "strength of the KL anchor to the reference: small beta lets the policy move further"),
     loss_type=("sigmoid", f"one of {LOSS_TYPES}"),
-    alpha=(0.001, "unlikelihood: weight of the term that pushes the rejected responses' tokens down (here 0.01 "
-                  "already broke half the samples, 0.1 all of them)"),
+    alpha=(0.001, "unlikelihood: weight of the push down on the rejected tokens (0.01 broke half the samples here)"),
     label_smoothing=(0.0, "conservative DPO: assumed share of flipped labels, in [0, 0.5)"),
     reference_free=(False, "take log pi_ref = 0 (no reference model in the loss)"),
     precompute_ref=(False, "score the training set with the reference once, then drop it from memory"),
     online=(False, "online DPO: each step sample two responses per prompt from the current policy and let the judge pick"),
     online_redraws=(10, "online DPO: draws of a batch in which the judge called every pair a tie, before stopping"),
-    judge=("", "module:function, judge(prompt, a, b) -> 0 (a better), 1 (b better) or None, or a reward model's "
-                "ckpt.pt; the task's reward by default"),
+    judge=("", "module:function, judge(prompt, a, b) -> 0 (a wins), 1 or None (tie); or a reward model's ckpt.pt"),
     best_of=(16, "best_of_n: responses sampled from the reference per prompt; the highest-scored (PPO's score) is kept"),
     # RLHF: a Bradley-Terry reward model (--method=reward_model), then PPO with a per-token KL penalty (--method=ppo)
-    reward_model=("", "PPO-RM (and best_of_n): a --method=reward_model run's ckpt.pt as the score; empty: the task's "
-                      "exact reward (PPO-GT)"),
+    reward_model=("", "PPO-RM, best_of_n: a --method=reward_model run's ckpt.pt as the score ('': the task's reward)"),
     rm_iters=(300, "reward model steps (batch_size pairs each)"),
     rm_lr=(1e-3, "reward model learning rate after warm-up"),
-    ppo_iters=(100, "PPO iterations: sample rollout_batch responses, score them, then ppo_epochs passes of updates"),
+    ppo_iters=(100, "PPO iterations: sample rollout_batch responses, score them, ppo_epochs passes of updates"),
     rollout_batch=(64, "prompts per PPO iteration (one response each), per process"),
     ppo_minibatch=(16, "responses per PPO update step (divides rollout_batch)"),
     ppo_epochs=(4, "passes over each rollout batch"),
@@ -130,14 +122,13 @@ CONFIG = dict(
     ckpt_interval=(50, "training steps (SFT, DPO, reward model, PPO) between checkpoints (and one at each stage's end)"),
     stop_at=(0, "stop after this training step, with a checkpoint (0: run to the end); continue with init_from=resume"),
     seed=(1337, "seeds the task, the held-out split, the reference (SFT) and its samples"),
-    policy_seed=(-1, "seeds what follows the reference: batch order, dropout, sampling, the policy's evaluation "
-                     "samples (-1: --seed); another value trains another policy on the same data and reference "
-                     "(keep compared seeds 1000 apart: epochs, steps and ranks offset the seed)"),
+    policy_seed=(-1, "seeds what follows the reference: batches, dropout, sampling (-1: --seed; compare seeds 1000 apart)"),
     device=("auto", "'auto' (cuda, then mps, then cpu), or e.g. 'cpu', 'cuda:1'"),
     dtype=("auto", "'float32' or 'bfloat16' autocast; auto: bfloat16 where the hardware has it"),
     compile=(False, "torch.compile the policy"),
     threads=(0, "CPU threads for torch (0: torch's default)"),
 )
+DEFAULTS = {k: v for k, (v, _) in CONFIG.items()}
 POSITIVE = ("best_of", "n_layer", "n_embd", "batch_size", "sft_batch_size", "grad_accum", "dpo_lr", "max_new_tokens",
             "log_interval", "sft_log_interval", "eval_interval", "ckpt_interval", "eval_samples", "eval_pairs",
             "score_batch_size", "sample_batch_size", "online_redraws", "rm_iters", "rm_lr", "ppo_iters", "rollout_batch",
@@ -152,7 +143,7 @@ def parse_config(argv):
     fill what is not given. Stops with a message that names the setting on anything it cannot use."""
     cfg, given = config.parse(argv, CONFIG, __doc__)
     if cfg["init_from"] == "resume":
-        resumed_settings(cfg, given)
+        resumed_settings(cfg, given, DEFAULTS)
     c = SimpleNamespace(**cfg)
     try:
         check_loss_args(c.beta, c.loss_type, c.label_smoothing)  # the loss's own checks, not a copy
@@ -246,7 +237,7 @@ def sft(cfg, run, policy, data, resumed):
     optimizer = make_optimizer(cfg, policy, cfg.sft_lr)
     step, last = 0, "none: SFT starts again from its beginning"
     if resumed is not None:
-        step, state = restore_state(policy, optimizer, resumed)
+        step, state = restore_state(policy, optimizer, resumed, run.rank)
         loader.load_state_dict(state["sft"])
         last = f"{cfg.out_dir}/sft.pt (sft step {step})"
     guard = Guard(cfg, run, "sft", [policy], last, None if resumed is None else resumed["first_loss"])
@@ -281,7 +272,7 @@ def make_reference(cfg, run, data, policy, resumed):
             sft(cfg, run, policy, data, resumed)
         if run.master:
             run.ref_sha256 = or_exit(save_checkpoint, ref_path(cfg), policy, stage="ref", config=dict(vars(cfg)),
-                                     inputs=data.inputs, world=run.world)
+                                     inputs=data.inputs, world=run.world, log_bytes=run.log_bytes())
             if os.path.exists(os.path.join(cfg.out_dir, "sft.pt")):
                 os.remove(os.path.join(cfg.out_dir, "sft.pt"))  # SFT's state, done with
         if run.ddp:
@@ -455,7 +446,7 @@ def train_on_pairs(cfg, run, data, model, reference, val_ref, resumed):
     src = pair_sources(cfg, run, data, resumed)
     step, last = 0, f"{cfg.out_dir}/ref.pt (the SFT model this stage starts from)"
     if resumed is not None:
-        step = restore_state(model, optimizer, resumed)[0]
+        step = restore_state(model, optimizer, resumed, run.rank)[0]
         last = f"{cfg.out_dir}/ckpt.pt ({stage} step {step})"
     guard = Guard(cfg, run, stage, [model], last, None if resumed is None else resumed["first_loss"])
     wrapped = DDP(model) if run.ddp else model  # what the forward passes go through
@@ -525,7 +516,7 @@ def main(argv):
     run = setup(cfg)                                          # 1. processes, device, precision, out_dir
     data = load_data(cfg, verbose=run.master)                 # 2. the task, its judge
     choose_judge(cfg, run, data)
-    resumed, run.ref_sha256 = resume_point(cfg, run, data.inputs)  # None, None for a new run
+    resumed, run.ref_sha256 = resume_point(cfg, run, data.inputs, DEFAULTS)  # None, None for a new run
     policy = build_policy(cfg, run, data.enc, resumed)        # 3. the policy
     tokenize(cfg, data, policy.config.block_size, verbose=run.master)
     if not cfg.eval_only:
