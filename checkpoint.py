@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, GPTConfig, ScalarGPT
-from runtime import atomic_write, or_exit, print0, write_json
+from runtime import atomic_write, or_exit, param_groups, print0
 
 # what a resumed run may change; every other setting must be the one the run was started with
 MAY_CHANGE = ("init_from", "dpo_iters", "rm_iters", "ppo_iters", "stop_at", "eval_interval", "ckpt_interval",
@@ -112,6 +112,55 @@ def load_model(path, device="cpu", dropout=0.0, kind="GPT"):
     return model.to(device)
 
 
+STAGES = ("ref", "sft", "dpo", "rm", "ppo")  # what a run's checkpoint can hold: the reference, or a stage's state
+
+
+def check_run_checkpoint(ck, path):
+    """A run's checkpoint, checked before anything is restored from it: every field a resume reads,
+    of the right type, and weights and optimizer state that fit the shape they claim. The digest
+    proves the file is what was written; this catches a file that is whole but wrong inside
+    (edited, or from another version). ValueError names the file and the field."""
+    def need(field, kind, ok=lambda v: True, want=None):
+        if field not in ck:
+            raise ValueError(f"{path}: no field '{field}'")
+        if not isinstance(ck[field], kind) or not ok(ck[field]):
+            raise ValueError(f"{path}: field '{field}' is {str(ck[field])[:60]!r}, {want or 'not a ' + kind.__name__}")
+    need("stage", str, lambda s: s in STAGES, f"not one of {STAGES}")
+    for field in ("model", "model_args", "config"):
+        need(field, dict)
+    if ck["stage"] != "ref":
+        need("step", int, lambda s: s >= 0, "not a step")
+        need("optimizer", dict, lambda o: {"state", "param_groups"} <= o.keys(), "not an optimizer's state")
+        need("data", dict)
+        need("rng", (list, dict), lambda r: all(isinstance(s, dict) and torch.is_tensor(s.get("torch"))
+                                                 for s in (r if isinstance(r, list) else [r])), "not RNG states")
+    weights = [("model", ScalarGPT if ck.get("kind") == "ScalarGPT" else GPT, "optimizer")]
+    if ck["stage"] == "ppo":
+        need("value", dict)
+        weights.append(("value", ScalarGPT, "value_optimizer"))
+    for field, kind, opt in weights:
+        try:
+            with torch.random.fork_rng(devices=[]):  # building a model must not move the seeded RNG
+                model = kind(GPTConfig(**ck["model_args"]))
+            model.load_state_dict(ck[field])
+        except (TypeError, RuntimeError, AssertionError, ValueError) as e:
+            raise ValueError(f"{path}: field '{field}': its weights do not fit 'model_args' ({str(e).splitlines()[0][:100]})") from None
+        if ck["stage"] != "ref":
+            params = [p for g in param_groups(model, 0.0) for p in g["params"]]
+            check_optimizer_state(ck[opt], params, f"{path}: field '{opt}'")
+
+
+def check_optimizer_state(state, params, where):
+    """An optimizer's saved state fits these parameters: as many, and each state tensor of its shape."""
+    ids = [i for g in state.get("param_groups", []) for i in g.get("params", [])]
+    if len(ids) != len(params):
+        raise ValueError(f"{where}: holds state for {len(ids)} parameters, the model has {len(params)}")
+    for i, p in zip(ids, params):
+        for name, v in state.get("state", {}).get(i, {}).items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+                raise ValueError(f"{where}: '{name}' of parameter {i} has shape {tuple(v.shape)}, its weight {tuple(p.shape)}")
+
+
 # ------------------------------------------------------------------------------------------------
 # a run's checkpoints: save, find where it stopped, restore
 
@@ -136,7 +185,7 @@ def restore_state(model, optimizer, ck, rank=0):
     """The inverse of save_state: loads weights, optimizer and this rank's RNG. -> (step, data state)."""
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
-    rng = ck["rng"][rank]
+    rng = ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"]  # a dict: one process, before 2026-12
     torch.set_rng_state(rng["torch"])  # dropout masks
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -161,6 +210,13 @@ def resumed_settings(cfg, given, defaults):
         if k in defaults and not isinstance(v, type(defaults[k])) and not (type(defaults[k]) is float and type(v) is int):
             sys.exit(f"{path}: setting '{k}' is {v!r}, not a {type(defaults[k]).__name__}; fix it, or delete "
                      f"config.json to resume with the settings stored in the checkpoint")
+    lacking = [k for k in defaults if k not in saved]
+    if lacking and path.endswith(".json"):  # a hand-edited file, or an older one: the checkpoint may know them
+        ck_path = newest_checkpoint(cfg["out_dir"])
+        stored = (or_exit(load_checkpoint, ck_path).get("config") or {}) if ck_path else {}
+        if any(k in stored for k in lacking):
+            print0(f"{path} lacks {', '.join(f'--{k}' for k in lacking if k in stored)}: the values stored in {ck_path}")
+            saved = {**{k: stored[k] for k in lacking if k in stored}, **saved}
     new = [k for k in defaults if k not in saved]
     if new:
         print0(f"{path} predates {', '.join(f'--{k}' for k in new)}: the run continues with "
@@ -194,12 +250,13 @@ def resume_point(cfg, run, inputs, defaults):
     """--init_from=resume: the run's latest checkpoint (ckpt.pt, else sft.pt, else ref.pt: stopped
     before its first training checkpoint), once it is shown to be this run. Stops naming everything
     that differs: settings (but MAY_CHANGE; one the run predates counts as its default), input files,
-    processes, reference. The metrics log is cut back to the checkpoint. -> (checkpoint or None,
-    the reference's checksum or None)."""
+    processes, reference. Nothing is written here (runtime.start_run). -> (checkpoint or None, the
+    reference's checksum or None)."""
     if cfg.init_from != "resume":
         return None, None
     path = newest_checkpoint(cfg.out_dir)
     ck = or_exit(load_checkpoint, path)
+    or_exit(check_run_checkpoint, ck, path)
     saved, ref_path, ref_sha = ck.get("config", {}), os.path.join(cfg.out_dir, "ref.pt"), None
     if path == ref_path:
         ref_sha = ck["sha256"]
@@ -217,9 +274,6 @@ def resume_point(cfg, run, inputs, defaults):
     if iters is not None and ck["step"] > iters:
         sys.exit(f"--init_from=resume: {path} is at {ck['stage']} step {ck['step']}, past the {iters} asked for: "
                  f"pass a larger --{ck['stage']}_iters")
-    if run.master:  # the settings the run now continues with
-        or_exit(write_json, os.path.join(cfg.out_dir, "config.json"), vars(cfg))
-        run.cut_log(ck.get("log_bytes"), f"{path} ({ck['stage']} step {ck.get('step', '-')})")
     print0(f"resuming from {path}: " + ("SFT is done; training starts at step 1, no checkpoint of it was written"
                                         if ck["stage"] == "ref" else f"{ck['stage']} step {ck['step']}"))
     return ck, ref_sha

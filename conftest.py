@@ -65,7 +65,8 @@ def token_bound(zmax):
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=160", "--batch_size=8", "--sft_batch_size=16",
         "--eval_pairs=32", "--eval_samples=8", "--max_new_tokens=24", "--show_samples=1", "--log_interval=1",
-        "--dtype=float32", "--warmup_iters=2"]
+        "--dtype=float32", "--warmup_iters=2",
+        "--collapse_kl=0"]  # tiny runs at high learning rates do wreck the tiny model: the rule has its own tests
 FAST = ["--sft_iters=0", "--eval_samples=4", "--eval_pairs=8"]
 RLHF = ["--sft_iters=0", "--eval_samples=4", "--max_new_tokens=16", "--rollout_batch=8", "--ppo_minibatch=4",
         "--ppo_epochs=2", "--eval_interval=2", "--show_samples=0"]
@@ -100,7 +101,8 @@ def small_file(tmp_path_factory):
 def stage_inputs(tmp_path, *args):
     """cfg, run and tokenized data of the tiny reviews setting, as main builds them."""
     cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", *args])
-    run = setup(cfg)
+    with setup(cfg) as run:  # the out_dir is not kept locked: tests run the recipe into it too
+        pass
     d = load_data(cfg)
     choose_judge(cfg, run, d)
     tokenize(cfg, d, 160)

@@ -56,15 +56,21 @@ def load_pairs(path, verbose=True):
     record index for .json) and field; a missing file raises FileNotFoundError.
     """
     path = str(path)
+    return parse_pairs(_read_records(path), path, verbose)
+
+
+def parse_pairs(records, source, verbose=True):
+    """(where, record) pairs in any of load_pairs' formats -> explicit pairs, with the same skips and
+    checks; `source` (a file, or a task) and `where` name a bad record."""
     pairs, skipped, later_turns = [], Counter(), 0
-    for where, record in _read_records(path):
+    for where, record in records:
         try:
             prompt, chosen, rejected = _parse_record(record)
         except _Skip as skip:
             skipped[skip.args[0]] += 1
             continue
         except ValueError as e:
-            raise ValueError(f"{path}: {where}: {e}") from None
+            raise ValueError(f"{source}: {where}: {e}") from None
         if not chosen.strip() or not rejected.strip():
             skipped["empty_response"] += 1
         elif chosen == rejected:
@@ -73,12 +79,12 @@ def load_pairs(path, verbose=True):
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
             later_turns += ASSISTANT in chosen or ASSISTANT in rejected
     counts = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
-    summary = f"loaded {len(pairs)} pairs from {os.path.basename(path)} " \
+    summary = f"loaded {len(pairs)} pairs from {os.path.basename(source) if os.path.isfile(source) else source} " \
               f"(skipped {sum(skipped.values())}{': ' + counts if counts else ''})"
     if later_turns:
         summary += f"; {later_turns} kept with a later Assistant turn inside a response"
     if not pairs:
-        raise ValueError(f"{path}: no usable pairs ({summary})")
+        raise ValueError(f"{source}: no usable pairs ({summary})")
     if verbose:
         print(summary)
     return pairs
@@ -235,6 +241,9 @@ def read_tiktoken_ranks(path):
         raise ValueError(f"{path}: empty .tiktoken file (no tokens)")
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1}, each once")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:  # byte-level BPE encodes any text only if every single byte is a token
+        raise ValueError(f"{path}: {len(missing)} of the 256 single bytes have no rank (byte {missing[0]} first)")
     return ranks
 
 

@@ -12,6 +12,7 @@ or a reward model's checkpoint (choose_judge).
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -22,8 +23,8 @@ from checkpoint import load_model
 from dpo import dpo_loss, response_logps
 from model import ScalarGPT
 from ppo import bradley_terry_loss, last_token_scores
-from runtime import or_exit, print0, write_json
-from task import load_object, prompt_ids, task_rewards, text
+from runtime import atomic_write, or_exit, print0, write_json
+from task import call_task, load_object, prompt_ids, task_rewards, text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def sample_eval(cfg, run, data, policy, reference):
         ref_t = [text(data, r) for r in ref]
         if data.judge is not None:
             res["win_rate"] = win_rate([call_judge(data, p, a, b) for p, a, b in zip(data.eval_prompts, pol_t, ref_t)])
-    on = lambda fn, texts: mean([fn(p, r) for p, r in zip(data.eval_prompts, texts)])  # a task's function, averaged
+    on = lambda fn, texts: mean([call_task(data, fn, p, r) for p, r in zip(data.eval_prompts, texts)])  # its mean
     if task.reward is not None:
         res["policy_reward"] = on(task.reward, pol_t)
         if ref_t:
@@ -257,12 +258,33 @@ def evaluate(cfg, run, data, model, reference, val_ref):
     return {**preference_eval(cfg, run, data, model, val_ref), **sample_eval(cfg, run, data, model, reference)}
 
 
+def collapse(cfg, result):
+    """A policy destroyed without a non-finite number or a loss blow-up (the divergence guard's
+    cases): its final KL to the reference per response token is above --collapse_kl (0.25 nats).
+    Sane runs stay far below: the default run about 0.02, every Figure-2 point under 0.1; with the
+    divergence guard off (--diverge=0), --dpo_lr=0.3 ends at 8.4 (KL 1344 nats over 160 tokens).
+    -> the reason, or None."""
+    if not cfg.collapse_kl or "kl" not in result:
+        return None
+    per_token = result["kl"] / max(result["policy_mean_length"], 1.0)
+    if per_token > cfg.collapse_kl:
+        return f"KL {result['kl']:.1f} nats over {result['policy_mean_length']:.0f} tokens: {per_token:.2f} per token > --collapse_kl={cfg.collapse_kl:g}"
+    return None
+
+
 def final_eval(cfg, run, data, model, reference, val_ref):
-    """The evaluation at the end of training, written to eval.json and metrics.jsonl."""
+    """The evaluation at the end of training, written to eval.json and metrics.jsonl. A collapsed
+    policy is marked there (collapsed: its reason) and the run exits with 1."""
     result = dict(evaluate(cfg, run, data, model, reference, val_ref), wall_seconds=time.time() - run.t_start)
+    why = collapse(cfg, result)
+    if why:
+        result["collapsed"] = why
     or_exit(write_json, os.path.join(cfg.out_dir, "eval.json"), result)
     run.log(dict(stage="final", **result))
     print0("final: " + " | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    if why:
+        sys.exit(f"the policy collapsed ({why}): its samples are far from anything the reference would write; "
+                 f"lower the learning rate or raise beta (eval.json has the figures)")
     return result
 
 
@@ -278,9 +300,43 @@ def eval_only(cfg, run, data, policy, reference, val_ref):
     res = evaluate(cfg, run, data, policy, reference, val_ref)
     print0(json.dumps(res, indent=1))
     if cfg.export:
-        policy.save_pretrained(cfg.export)
-        with open(os.path.join(cfg.export, "TOKENIZER.txt"), "w") as f:  # HF has no file for tiktoken's encodings
-            f.write(f"tokenizer: {cfg.tokenizer} (tiktoken; 'bytes' is UTF-8 bytes, id 256 = <|endoftext|>); "
-                    f"end-of-text id {data.eot}\n")
-        print0(f"exported the policy as a Hugging Face GPT-2 folder: {cfg.export}")
+        export(cfg, data, policy)
     return res
+
+
+EXPORTED = ("config.json", "model.safetensors", "TOKENIZER.txt")
+
+
+def export(cfg, data, policy):
+    """--export: the policy as a Hugging Face GPT-2 folder, whole or not at all: written into
+    EXPORT.tmp, which then takes the place of EXPORT (an earlier export there is replaced)."""
+    path = cfg.export.rstrip("/")
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    try:
+        policy.save_pretrained(path + ".tmp")
+        tokenizer = (f"tokenizer: {cfg.tokenizer} (tiktoken; 'bytes' is UTF-8 bytes, id 256 = <|endoftext|>); "
+                     f"end-of-text id {data.eot}\n")  # HF has no file for tiktoken's encodings
+        atomic_write(os.path.join(path + ".tmp", "TOKENIZER.txt"), lambda f: f.write(tokenizer.encode()))
+    except OSError as e:
+        shutil.rmtree(path + ".tmp", ignore_errors=True)
+        sys.exit(f"error: {e}; --export={path} is as it was")
+    if os.path.isdir(path):
+        os.replace(path, path + ".old")
+    os.replace(path + ".tmp", path)
+    shutil.rmtree(path + ".old", ignore_errors=True)
+    print0(f"exported the policy as a Hugging Face GPT-2 folder: {path}")
+
+
+def check_inputs(cfg, run, data, policy):
+    """What can be checked before any training: the reward model PPO or Best-of-N will use (loaded
+    and dropped), and the export folder (its parent can be written; if it exists, it holds an
+    earlier export and nothing else, since it will be replaced)."""
+    if cfg.method in ("ppo", "best_of_n") and not cfg.eval_only:
+        with torch.random.fork_rng(devices=[]):  # building it must not move the seeded RNG
+            load_scorer(cfg, run, data, policy)
+    if cfg.export:
+        path, parent = cfg.export.rstrip("/"), os.path.dirname(os.path.abspath(cfg.export.rstrip("/")))
+        if os.path.exists(path) and (not os.path.isdir(path) or set(os.listdir(path)) - set(EXPORTED)):
+            sys.exit(f"--export={path} exists and is not an earlier export (it would be replaced); choose a new folder")
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            sys.exit(f"--export={path}: cannot write in {parent}")

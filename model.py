@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime import atomic_write, write_json
+
 
 @dataclass
 class GPTConfig:
@@ -241,11 +243,17 @@ class GPT(nn.Module):
                 hf = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-        try:
-            cfg = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                            n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
-        except KeyError as e:
-            raise ValueError(f"{cfg_file}: missing field {e}") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{cfg_file}: expected a JSON object, got {type(hf).__name__}")
+        for field in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
+            if field not in hf:
+                raise ValueError(f"{cfg_file}: missing field '{field}'")
+            if type(hf[field]) is not int or hf[field] < 1:
+                raise ValueError(f"{cfg_file}: field '{field}' is {hf[field]!r}, not a whole number > 0")
+        if hf["n_embd"] % hf["n_head"]:
+            raise ValueError(f"{cfg_file}: field 'n_head' ({hf['n_head']}) does not divide 'n_embd' ({hf['n_embd']})")
+        cfg = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                        n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
         st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
         if os.path.isfile(st):
             sd, src = load_safetensors(st), st
@@ -293,8 +301,7 @@ class GPT(nn.Module):
                   n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=None,
                   activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
                   attn_pdrop=0.0, bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1, tie_word_embeddings=True)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(hf, f, indent=1)
+        write_json(os.path.join(path, "config.json"), hf)
         transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         sd = {k: (w.t() if k.endswith(transposed) else w) for k, w in self.state_dict().items() if k != "lm_head.weight"}
         save_safetensors(os.path.join(path, "model.safetensors"), sd)
@@ -349,11 +356,12 @@ def save_safetensors(path, tensors):
         offset += len(raw)
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)  # the format pads the header so the data starts 8-byte aligned
-    with open(path + ".tmp", "wb") as f:
+
+    def write(f):
         f.write(len(head).to_bytes(8, "little") + head)
         for raw in blobs:
             f.write(raw)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, write)
 
 
 def load_safetensors(path):
@@ -368,19 +376,28 @@ def load_safetensors(path):
         header = json.loads(data[8:8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object")
     body = memoryview(data)[8 + n:]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype == "BF16":  # numpy has no bfloat16: read the raw 16 bits and reinterpret
-            t = torch.from_numpy(np.frombuffer(body[a:b], dtype=np.int16).copy()).view(torch.bfloat16)
-        elif dtype in _ST_DTYPES:
-            t = torch.from_numpy(np.frombuffer(body[a:b], dtype=_ST_DTYPES[dtype]).copy())
-        else:
-            raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
-        if t.numel() != math.prod(shape):
-            raise ValueError(f"{path}: tensor '{name}' has {t.numel()} values for shape {shape}")
-        out[name] = t.reshape(shape)
-    return out
+    return {name: _tensor(path, name, info, body) for name, info in header.items() if name != "__metadata__"}
+
+
+def _tensor(path, name, info, body):
+    """One tensor of a safetensors file from its header entry, every field checked."""
+    where = f"{path}: tensor '{name}'"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise ValueError(f"{where}: its header entry needs dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype != "BF16" and dtype not in _ST_DTYPES:
+        raise ValueError(f"{where} has unsupported dtype {dtype}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"{where}: field 'shape' is {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= len(body)):
+        raise ValueError(f"{where}: field 'data_offsets' {offsets!r} is not a range of the file's {len(body)} data bytes")
+    raw, width = body[offsets[0]:offsets[1]], 2 if dtype == "BF16" else np.dtype(_ST_DTYPES[dtype]).itemsize
+    if len(raw) != width * math.prod(shape):
+        raise ValueError(f"{where} has {len(raw)} bytes for shape {shape} of {dtype}")
+    if dtype == "BF16":  # numpy has no bfloat16: read the raw 16 bits and reinterpret
+        return torch.from_numpy(np.frombuffer(raw, dtype=np.int16).copy()).view(torch.bfloat16).reshape(shape)
+    return torch.from_numpy(np.frombuffer(raw, dtype=_ST_DTYPES[dtype]).copy()).reshape(shape)

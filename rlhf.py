@@ -73,7 +73,8 @@ def ppo_update(cfg, run, policy, value, optimizers, ep, generator, guard, step):
             stats.append(dict(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), **pg,
                               entropy=P.masked_mean(entropy.detach(), rmask), **vs, grad_norm=norms[0],
                               value_grad_norm=norms[1]))
-    return {k: torch.stack([s[k] for s in stats]).mean().item() for k in stats[0]}
+    means = torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0)  # (statistics,) over minibatch steps
+    return dict(zip(stats[0], means.tolist()))
 
 
 def log_ppo(cfg, run, step, rec, ep):

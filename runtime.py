@@ -3,6 +3,7 @@ The run's plumbing, so that train.py can read as the recipe: processes (DDP), de
 the output folder, the metrics log, stop signals, the optimizer and its schedule, and the divergence
 guard that stops a run before it saves a broken model.
 """
+import fcntl
 import json
 import math
 import os
@@ -94,7 +95,21 @@ class Run:
     out_dir: str
     t_start: float = field(default_factory=time.time)
     ref_sha256: Any = None  # the reference's checksum, once it exists (checkpoints name it)
-    metrics: Any = None     # the open metrics.jsonl (rank 0)
+    metrics: Any = None     # the open metrics.jsonl (rank 0, from start_run)
+    lock: Any = None        # the out_dir's lock (rank 0 of a training run)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        """Release the folder and close the log, however the run ends (an exit inside a test too)."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.lock is not None:
+            os.close(self.lock)
+        self.metrics = self.lock = None
+        if self.ddp and dist.is_initialized():
+            dist.destroy_process_group()
 
     @property
     def master(self):
@@ -145,7 +160,8 @@ def cpu_has_bf16():
 
 
 def setup(cfg):
-    """Processes, device, precision, seed and the output folder. -> Run."""
+    """Processes, device, precision and seed; the output folder checked and locked (start_run writes
+    to it once every input is known to be good). -> Run, a context: leaving it releases the folder."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -171,12 +187,12 @@ def setup(cfg):
     torch.manual_seed(cfg.seed + rank)
     run = Run(ddp=ddp, rank=rank, world=world, device=device, dtype=dtype, accum=cfg.grad_accum // world,
               out_dir=cfg.out_dir)
-    prepare_out_dir(cfg, run)
+    try:
+        check_out_dir(cfg, run)
+    except BaseException:
+        run.__exit__()  # a refusal after the lock was taken releases it
+        raise
     print0(json.dumps(dict(vars(cfg), resolved_device=device, resolved_dtype=dtype, world_size=world), indent=1))
-    if run.master and cfg.init_from != "resume" and not cfg.eval_only:  # a resumed run keeps its own (checked later)
-        or_exit(write_json, os.path.join(cfg.out_dir, "config.json"), vars(cfg))
-    if run.master and not cfg.eval_only:
-        run.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "ab", buffering=0)  # unbuffered: each line at once
     return run
 
 
@@ -190,10 +206,10 @@ def check_device(device):
         sys.exit(f"--device={device}: not available on this machine ({count} {dev.type} devices); try --device=cpu")
 
 
-def prepare_out_dir(cfg, run):
-    """out_dir exists and can be written, and holds one run: a new run stops rather than write over
-    another run's checkpoints or results unless --overwrite=True (which deletes them); a resumed run
-    needs them. The settings and log of a run that left neither are cleared without asking."""
+def check_out_dir(cfg, run):
+    """out_dir exists (or is made) and can be written; a training run locks it (rank 0: one run per
+    folder at a time), and it holds what the run needs: another run's checkpoints or results stop a
+    new run unless --overwrite=True; a resumed run needs a run to continue. Nothing is changed here."""
     d = cfg.out_dir
     if os.path.exists(d) and not os.path.isdir(d):
         sys.exit(f"--out_dir={d} is a file, not a folder")
@@ -204,9 +220,11 @@ def prepare_out_dir(cfg, run):
         os.remove(probe)
     except OSError as e:
         sys.exit(f"--out_dir={d}: cannot write there ({e.strerror or e})")
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(d, f))]
     if cfg.eval_only:
         return
+    if run.master:
+        run.lock = lock_folder(d)
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(d, f))]
     if cfg.init_from == "resume":
         if "ref.pt" not in found and "sft.pt" not in found:
             sys.exit(f"--init_from=resume: {d} holds no run to continue (no ref.pt or sft.pt)")
@@ -216,11 +234,50 @@ def prepare_out_dir(cfg, run):
                  f"--init_from=resume to continue that run, or choose another --out_dir")
     if os.path.basename(cfg.init_from) in found and os.path.abspath(os.path.dirname(cfg.init_from)) == os.path.abspath(d):
         sys.exit(f"--init_from={cfg.init_from} lies in the out_dir that --overwrite=True would clear; copy it elsewhere")
-    if run.ddp:
-        dist.barrier()  # every rank has looked before rank 0 deletes
+
+
+def lock_folder(d):
+    """An advisory lock on the folder itself, held while the returned descriptor is open: a second run
+    into it stops here, naming the holder. The operating system drops it when the process ends, so a
+    kill -9 never leaves the folder locked, and no lock file is ever left behind."""
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        sys.exit(f"--out_dir={d} is in use by another run ({lock_holder(d)}); wait for it to end, or choose another --out_dir")
+    return fd
+
+
+def lock_holder(d):
+    """'process PID: its command line', from /proc/locks (Linux), or what is known."""
+    try:
+        inode = os.stat(d).st_ino
+        with open("/proc/locks") as f:
+            pid = next(line.split()[4] for line in f if "FLOCK" in line and line.split()[5].endswith(f":{inode}"))
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f"process {pid}: {f.read().replace(bytes(1), b' ').decode(errors='replace').strip()[:200]}"
+    except (OSError, StopIteration, IndexError):
+        return "a process on this machine"
+
+
+def start_run(cfg, run, resumed):
+    """The run's own files, once every input is known to be good: --overwrite deletes the old run's
+    files only now; config.json gets the settings the run goes on with; the metrics log is opened,
+    and a resumed run's is cut back to its checkpoint (so steps after it, before a kill, are logged once)."""
+    if cfg.eval_only:
+        return
+    if cfg.init_from != "resume":
+        if run.ddp:
+            dist.barrier()  # every rank has looked before rank 0 deletes
+        for f in RUN_FILES if run.master else ():
+            if os.path.exists(os.path.join(cfg.out_dir, f)):
+                os.remove(os.path.join(cfg.out_dir, f))
     if run.master:
-        for f in found:
-            os.remove(os.path.join(d, f))
+        or_exit(write_json, os.path.join(cfg.out_dir, "config.json"), vars(cfg))
+        run.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "ab", buffering=0)  # unbuffered: each line at once
+        if resumed is not None:
+            run.cut_log(resumed.get("log_bytes"), f"the {resumed['stage']} checkpoint (step {resumed.get('step', '-')})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,11 +318,16 @@ def exit_for_signal(run, stage, step):
 # ------------------------------------------------------------------------------------------------
 # the optimizer, its schedule, and the divergence guard
 
+def param_groups(model, weight_decay):
+    """The optimizer's two groups: the matrices (decayed), then the rest; a checkpoint's optimizer
+    state lists the parameters in this order."""
+    return [dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=weight_decay),
+            dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0)]
+
+
 def make_optimizer(cfg, model, lr):
     """AdamW (or the DPO paper's RMSprop); weight decay on matrices only."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)]
+    groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())

@@ -53,8 +53,9 @@ def load_object(spec, what):
         raise ValueError(f"--{what}={spec}: expected module:name")
     try:
         return getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--{what}={spec}: cannot load it ({e})") from None
+    except Exception as e:  # not found, or the module fails as it is imported (a syntax error, an exception)
+        where = f" ({e.filename}, line {e.lineno})" if isinstance(e, SyntaxError) else ""
+        raise ValueError(f"--{what}={spec}: cannot load it ({type(e).__name__}: {getattr(e, 'msg', e)}{where})") from None
 
 
 def load_task(cfg, verbose=True):
@@ -62,10 +63,11 @@ def load_task(cfg, verbose=True):
     if cfg.task or cfg.data in EMBEDDED:
         spec, what = (cfg.task, "task") if cfg.task else (EMBEDDED[cfg.data], "data")
         make = or_exit(load_object, spec, what)
-        task = make(cfg.seed)
-        if not isinstance(task, Task):
-            sys.exit(f"--{what}={spec}: returned {type(task).__name__}, not a task.Task")
-        task = replace(task)  # a copy: the fields filled in below stay this run's
+        try:
+            task = make(cfg.seed)
+        except Exception as e:
+            sys.exit(f"--{what}={spec}: raised {type(e).__name__}: {e}")
+        task = replace(or_exit(check_task, task, f"--{what}={spec}", verbose))  # a copy: what is filled in is this run's
     else:
         task = Task(name=cfg.data)
     if task.pairs is None:
@@ -81,6 +83,43 @@ def load_task(cfg, verbose=True):
     if task.prompts is None:
         task.prompts = sorted({p["prompt"] for p in task.val_pairs})
     return task
+
+
+def check_task(task, source, verbose):
+    """A task function's result, checked field by field (ValueError naming the field); its pairs go
+    through the preference-file checks, so they may take any of a file's record formats."""
+    if not isinstance(task, Task):
+        raise ValueError(f"{source}: returned {type(task).__name__}, not a task.Task")
+    for field in ("reward", "is_valid"):
+        if getattr(task, field) is not None and not callable(getattr(task, field)):
+            raise ValueError(f"{source}: field '{field}': not a function")
+    fields = {}
+    for field in ("pairs", "val_pairs"):
+        value = getattr(task, field)
+        if value is not None:
+            if not isinstance(value, list):
+                raise ValueError(f"{source}: field '{field}': expected a list of pairs, got {type(value).__name__}")
+            fields[field] = D.parse_pairs([(f"{field}[{i}]", r) for i, r in enumerate(value)], source, verbose)
+    if task.prompts is not None and not (isinstance(task.prompts, list) and task.prompts
+                                         and all(isinstance(p, str) for p in task.prompts)):
+        raise ValueError(f"{source}: field 'prompts': expected a non-empty list of strings")
+    if task.sft is not None and not (isinstance(task.sft, list) and task.sft and all(
+            isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(s, str) for s in x) for x in task.sft)):
+        raise ValueError(f"{source}: field 'sft': expected a non-empty list of (prompt, response) strings")
+    return replace(task, **fields)
+
+
+def call_task(data, fn, prompt, response):
+    """A task's reward or is_valid on one sample, or exit naming the task and the prompt."""
+    try:
+        out = fn(prompt, response)
+        if fn is data.task.is_valid:
+            return bool(out)
+        if not math.isfinite(float(out)):
+            raise ValueError(f"returned {out!r}, not a finite number")
+        return float(out)
+    except Exception as e:
+        sys.exit(f"task {data.task.name}: {fn.__name__}({prompt[:40]!r}, ...) failed: {type(e).__name__}: {e}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,5 +178,5 @@ def text(data, resp):
 def task_rewards(data, prompts, responses, device="cpu"):
     """The task's exact reward of each (prompt ids, response ids): PPO-GT's score, Best-of-N's pick,
     the truth a reward model is compared with. -> (len(prompts),) float32."""
-    return torch.tensor([data.task.reward(data.enc.decode(p), text(data, r)) for p, r in zip(prompts, responses)],
-                        dtype=torch.float, device=device)
+    return torch.tensor([call_task(data, data.task.reward, data.enc.decode(p), text(data, r))
+                         for p, r in zip(prompts, responses)], dtype=torch.float, device=device)

@@ -3,6 +3,7 @@ Tests of evaluate.py: scoring in sorted batches, the held-out preference metrics
 computation, the KL estimate, judges (pluggable, broken, a reward model), the win rate, Best-of-N,
 and evaluating a checkpoint alone.
 """
+import json
 import math
 import os
 import random
@@ -168,3 +169,24 @@ def test_eval_only_samples_a_checkpoint(tiny_run, capsys):
     assert "policy: 'Honestly, the comedy felt' ->" in shown and "reference: " in shown
     assert {k: v for k, v in res.items() if "seconds" not in k} == \
         {k: v for k, v in final.items() if "seconds" not in k}
+
+
+def test_a_collapsed_policy_is_reported_and_fails_the_run(tiny_run, tmp_path):
+    """The collapse rule by hand: KL 30 nats over 100 tokens is 0.3 per token, over --collapse_kl=0.25:
+    collapsed; 20 over 100 (0.2) is not; 0 turns the rule off; a Best-of-N result (no kl) is never
+    judged. Then a real one: 6 DPO steps at lr 5e-3 wreck the tiny model (measured: KL 14.7 nats over
+    24 tokens); the run writes eval.json with 'collapsed' and its reason, logs the final line, and
+    exits with 1 and one line; with the rule off the same run returns normally."""
+    cfg = train.parse_config(["--collapse_kl=0.25"])
+    assert "0.30 per token > --collapse_kl=0.25" in evaluate.collapse(cfg, dict(kl=30.0, policy_mean_length=100.0))
+    assert evaluate.collapse(cfg, dict(kl=20.0, policy_mean_length=100.0)) is None
+    assert evaluate.collapse(cfg, dict(kl_bound=3.0, policy_mean_length=100.0)) is None
+    cfg.collapse_kl = 0
+    assert evaluate.collapse(cfg, dict(kl=300.0, policy_mean_length=1.0)) is None
+    args = [f"--init_from={tiny_run[0]}/ref.pt", "--sft_iters=0", "--dpo_iters=6", "--dpo_lr=5e-3", "--eval_samples=8"]
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "a", *args, "--collapse_kl=0.25")
+    assert e.value.code.startswith("the policy collapsed (KL ") and "\n" not in e.value.code
+    result = json.load(open(tmp_path / "a" / "eval.json"))
+    assert result["collapsed"].endswith("per token > --collapse_kl=0.25") and result["kl"] / result["policy_mean_length"] > 0.25
+    assert "collapsed" not in run_train(tmp_path / "b", *args)  # TINY has --collapse_kl=0

@@ -3,6 +3,7 @@ Tests of runtime.py: the learning-rate schedule, clipping, the divergence guard 
 run), one run per output folder, and stopping on a signal.
 """
 import errno
+import json
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ import torch
 import runtime
 import train
 from checkpoint import load_checkpoint
-from conftest import FAST, HERE, TINY, read_metrics, run_train
+from conftest import FAST, HERE, TINY, full_disk, read_metrics, run_train
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,3 +162,58 @@ def test_an_out_dir_that_cannot_be_written(tmp_path, monkeypatch):
         (tmp_path / "locked").mkdir(mode=0o500)
         with pytest.raises(SystemExit, match=r"--out_dir=.*/locked: cannot write there \(Permission denied\)"):
             run_train(tmp_path / "locked", *FAST)
+
+
+@pytest.mark.parametrize("name", ["config.json.tmp", "metrics.jsonl", "ref.pt.tmp", "eval.json.tmp", "model.safetensors.tmp"])
+def test_a_full_disk_at_every_write(tiny_run, tmp_path, monkeypatch, name):
+    """Every file a run writes, on a disk that fills while it is written (ENOSPC after 64 bytes; the
+    log's after 400, so that its first line fits): the
+    run stops with one line naming the file and 'No space left on device', and leaves no torn file:
+    no config.json, ref.pt or eval.json at all (never a 0-byte one), no NAME.tmp; a metrics log that
+    holds only whole lines; an export folder that is not there (rather than half written). (The
+    checkpoint's own case, resumed afterwards, is in test_checkpoint.py.)"""
+    import checkpoint
+    import model
+    full_disk(monkeypatch, runtime, {name}, room=400 if name == "metrics.jsonl" else 64)  # the log: a line fits, then not
+    base = [f"--init_from={tiny_run[0]}/ref.pt", *FAST, "--dpo_iters=1"]
+    out = tmp_path / "run"
+    argv = {"config.json.tmp": base, "metrics.jsonl": base, "eval.json.tmp": base,
+            "ref.pt.tmp": [*FAST, "--sft_iters=2", "--dpo_iters=1"],
+            "model.safetensors.tmp": [f"--init_from={tiny_run[0]}/ckpt.pt", "--eval_only=True", "--eval_samples=2",
+                                      f"--export={tmp_path / 'hf'}"]}[name]
+    with pytest.raises(SystemExit) as e:
+        run_train(out, *argv)
+    file = name.removesuffix(".tmp")
+    assert re.search(rf"{file}: cannot write it \(No space left on device\)", str(e.value.code)), e.value.code
+    assert "\n" not in str(e.value.code)
+    left = [p.name for p in tmp_path.rglob("*")]
+    assert not [f for f in left if f.endswith(".tmp")] and "hf" not in left
+    if file == "metrics.jsonl":
+        lines = (out / file).read_text().splitlines()
+        assert len(lines) >= 1 and all(json.loads(line) for line in lines)
+    elif file != "model.safetensors":
+        assert file not in left
+
+
+def test_one_run_per_folder_at_a_time(tiny_run, small_file, tmp_path):
+    """A run holds a lock on its out_dir for its whole life. A second run into the folder while the
+    first trains stops at once, with or without --overwrite=True, naming the first's process id
+    and command line. After the first is killed with kill -9 the
+    operating system has dropped its lock: the folder resumes at once."""
+    args = [f"--init_from={tiny_run[0]}/ref.pt", *FAST, "--eval_interval=1000", "--ckpt_interval=2", f"--data={small_file}"]
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "train.py", *TINY, *args, "--dpo_iters=1000", f"--out_dir={out}"],
+                         cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(2400):  # until it has trained a step past its first checkpoint
+            if (out / "ckpt.pt").exists():
+                break
+            time.sleep(0.05)
+        for extra in ([], ["--overwrite=True"], ["--init_from=resume"]):
+            with pytest.raises(SystemExit, match=rf"--out_dir={out} is in use by another run \(process {p.pid}: .*train.py"):
+                run_train(out, *args, *extra) if extra != ["--init_from=resume"] else train.main([*extra, f"--out_dir={out}"])
+    finally:
+        p.kill()
+        p.wait()
+    assert (out / "ref.pt").exists()
+    train.main(["--init_from=resume", f"--out_dir={out}", f"--dpo_iters={load_checkpoint(str(out / 'ckpt.pt'))['step'] + 1}"])

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -33,7 +34,8 @@ def test_reference_is_frozen_and_in_eval_mode(tmp_path):
     """With --dropout=0.5 the policy drops units, but the reference is loaded in eval mode with no
     parameter requiring a gradient, so two forwards of it agree exactly; reference-free: None."""
     cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", "--dropout=0.5"])
-    run = setup(cfg)
+    with setup(cfg) as run:
+        pass
     m = tiny_model(vocab_size=257, n_embd=64, block_size=160, dropout=0.5)
     save_checkpoint(str(tmp_path / "ref.pt"), m)
     ref = train.load_reference(cfg, run, str(tmp_path / "ref.pt"))
@@ -398,3 +400,179 @@ def test_block_size_crops_a_loaded_gpt2_and_export_round_trips(tmp_path):
     policy, exported = load_model(str(tmp_path / "run" / "ckpt.pt")), GPT.from_pretrained(str(tmp_path / "hf"))
     ids = torch.randint(0, 257, (2, 100), generator=torch.Generator().manual_seed(0))
     assert torch.equal(policy(ids), exported(ids)) and (tmp_path / "hf" / "TOKENIZER.txt").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# every file the project reads, fuzzed: one line per case
+
+def cut(b):
+    """Truncate: the first half of the file."""
+    return b[:len(b) // 2]
+
+
+def flip(at):
+    """Flip 4 bytes (XOR 0xFF) at relative position `at` of the file."""
+    return lambda b: b[:int(len(b) * at)] + bytes(x ^ 0xFF for x in b[int(len(b) * at):int(len(b) * at) + 4]) + b[int(len(b) * at) + 4:]
+
+
+def json_edit(fn):
+    """Edit a JSON file as an object: fn(obj) changes it in place."""
+    def mutate(b):
+        obj = json.loads(b)
+        fn(obj)
+        return json.dumps(obj).encode()
+    return mutate
+
+
+def lines_edit(fn):
+    """Edit a JSON-lines file's first record in place."""
+    def mutate(b):
+        first, rest = b.split(b"\n", 1)
+        record = json.loads(first)
+        fn(record)
+        return json.dumps(record).encode() + b"\n" + rest
+    return mutate
+
+
+def ck_edit(fn):
+    """Edit a checkpoint's content in place, then write it back whole and with a valid digest: a file
+    that is not corrupt, only wrong inside (edited, or from another version)."""
+    def mutate(b):
+        import io
+        from checkpoint import digest
+        ck = torch.load(io.BytesIO(b), weights_only=True)
+        fn(ck)
+        ck["sha256"] = digest({k: v for k, v in ck.items() if k != "sha256"})
+        out = io.BytesIO()
+        torch.save(ck, out)
+        return out.getvalue()
+    return mutate
+
+
+def st_edit(fn):
+    """Edit a safetensors file's JSON header in place (the data bytes stay)."""
+    def mutate(b):
+        n = int.from_bytes(b[:8], "little")
+        header = json.loads(b[8:8 + n])
+        fn(header)
+        head = json.dumps(header).encode()
+        return len(head).to_bytes(8, "little") + head + b[8 + n:]
+    return mutate
+
+
+def code(text):
+    """A judge's or task's module source."""
+    return lambda b: text.encode()
+
+
+WTE = "transformer.wte.weight"
+TASK_HEAD = "from task import Task\n"
+FUZZ = [  # (file, mutation, the one line expected: it names the file, and the field where there is one)
+    ("config.json", cut, r"config.json: not valid JSON"),
+    ("config.json", flip(0), r"config.json: not valid JSON"),
+    ("config.json", json_edit(lambda c: c.update(beta="abc")), r"config.json: setting 'beta' is 'abc', not a float"),
+    ("config.json", json_edit(lambda c: c.update(n_layer=2.5)), r"config.json: setting 'n_layer' is 2.5, not a int"),
+    ("config.json", code("[1, 2]"), r"config.json: holds a list, not the run's settings"),
+    ("ckpt.pt", cut, r"ckpt.pt: not a checkpoint of this project \(unreadable"),
+    ("ckpt.pt", flip(0.7), r"ckpt.pt: (corrupted|not a checkpoint of this project)"),
+    ("ckpt.pt", ck_edit(lambda c: c.update(step="two")), r"ckpt.pt: field 'step' is 'two', not a step"),
+    ("ckpt.pt", ck_edit(lambda c: c.pop("optimizer")), r"ckpt.pt: no field 'optimizer'"),
+    ("ckpt.pt", ck_edit(lambda c: c.update(stage="banana")), r"ckpt.pt: field 'stage' is 'banana', not one of"),
+    ("ckpt.pt", ck_edit(lambda c: c.update(rng="x")), r"ckpt.pt: field 'rng' is 'x', not RNG states"),
+    ("ckpt.pt", ck_edit(lambda c: c["model_args"].update(n_embd=32)), r"ckpt.pt: field 'model': its weights do not fit 'model_args'"),
+    ("ckpt.pt", ck_edit(lambda c: c["optimizer"]["state"][0].update(exp_avg=torch.zeros(3))),
+     r"ckpt.pt: field 'optimizer': 'exp_avg' of parameter 0 has shape \(3,\)"),
+    ("ref.pt", cut, r"ref.pt: not a checkpoint of this project \(unreadable"),
+    ("ref.pt", flip(0.7), r"ref.pt: (corrupted|not a checkpoint of this project)"),
+    ("ref.pt", ck_edit(lambda c: c["model_args"].update(n_head=3)), r"ref.pt: its weights do not fit its model shape"),
+    ("ref.pt", ck_edit(lambda c: c.update(kind="ScalarGPT")), r"ref.pt: holds a reward model, where a language model"),
+    ("ref.pt", ck_edit(lambda c: c.pop("model_args")), r"ref.pt: not a checkpoint of this project \(no weights, shape"),
+    ("model.safetensors", cut, r"model.safetensors: tensor '[\w.]+': field 'data_offsets' .* is not a range"),
+    ("model.safetensors", flip(0), r"model.safetensors: unreadable safetensors header"),
+    ("model.safetensors", st_edit(lambda h: h[WTE].update(shape="big")), rf"model.safetensors: tensor '{WTE}': field 'shape' is 'big'"),
+    ("model.safetensors", st_edit(lambda h: h[WTE].pop("dtype")), rf"model.safetensors: tensor '{WTE}': its header entry needs dtype"),
+    ("model.safetensors", st_edit(lambda h: h[WTE].update(shape=[257, 32])), rf"model.safetensors: tensor '{WTE}' has \d+ bytes for shape \[257, 32\]"),
+    ("hf/config.json", cut, r"hf/config.json: not valid JSON"),
+    ("hf/config.json", json_edit(lambda c: c.update(n_embd="64")), r"hf/config.json: field 'n_embd' is '64', not a whole number"),
+    ("hf/config.json", json_edit(lambda c: c.pop("n_layer")), r"hf/config.json: missing field 'n_layer'"),
+    ("hf/config.json", json_edit(lambda c: c.update(n_head=3)), r"hf/config.json: field 'n_head' \(3\) does not divide 'n_embd' \(64\)"),
+    ("hf/config.json", json_edit(lambda c: c.update(n_layer=3)), r"model.safetensors: no weights for \['transformer.h.2"),
+    ("toy.tiktoken", cut, r"toy.tiktoken: line \d+: expected 'base64-token rank'"),
+    ("toy.tiktoken", flip(0), r"toy.tiktoken: line 1: expected 'base64-token rank'"),
+    ("toy.tiktoken", lambda b: b.replace(b" 5\n", b" five\n"), r"toy.tiktoken: line 6: expected 'base64-token rank'"),
+    ("toy.tiktoken", lambda b: b"".join(b.splitlines(keepends=True)[:100] + b.splitlines(keepends=True)[101:]),
+     r"toy.tiktoken: ranks are not 0..256, each once"),
+    ("toy.tiktoken", lambda b: b.replace(b"ZA== 100\n", b"eHl6 100\n", 1), r"toy.tiktoken: 1 of the 256 single bytes have no rank \(byte 100"),
+    ("pairs.jsonl", cut, r"pairs.jsonl: line \d+: invalid JSON"),
+    ("pairs.jsonl", flip(0.5), r"pairs.jsonl: (cannot read as UTF-8|line \d+: invalid JSON)"),
+    ("pairs.jsonl", lines_edit(lambda r: r.update(chosen=5)), r"pairs.jsonl: line 1: field 'chosen': expected a string"),
+    ("pairs.jsonl", lines_edit(lambda r: r.pop("rejected")), r"pairs.jsonl: line 1: missing field 'rejected'"),
+    ("pairs.jsonl", lines_edit(lambda r: r.update(prompt=["x"])), r"pairs.jsonl: line 1: field 'prompt': expected a string"),
+    ("judge.py", code("def judge(p, a, b):\n    return 0 if len(a) <\n"), r"--judge=\w+:judge: cannot load it \(SyntaxError: .*, line 2\)"),
+    ("judge.py", code("raise RuntimeError('no GPU here')\n"), r"--judge=\w+:judge: cannot load it \(RuntimeError: no GPU here\)"),
+    ("judge.py", code("judge = 5\n"), r"--judge=\w+:judge: not callable"),
+    ("task.py", code("def make(seed)\n    pass\n"), r"--task=\w+:make: cannot load it \(SyntaxError: .*, line 1\)"),
+    ("task.py", code("def make(seed):\n    return {}['pairs']\n"), r"--task=\w+:make: raised KeyError: 'pairs'"),
+    ("task.py", code("def make(seed):\n    return {'pairs': []}\n"), r"--task=\w+:make: returned dict, not a task.Task"),
+    ("task.py", code(TASK_HEAD + "def make(seed):\n    return Task('t', pairs='abc')\n"), r"--task=\w+:make: field 'pairs': expected a list"),
+    ("task.py", code(TASK_HEAD + "def make(seed):\n    return Task('t', pairs=[dict(prompt='p', chosen=5, rejected='b')])\n"),
+     r"--task=\w+:make: pairs\[0\]: field 'chosen': expected a string"),
+    ("task.py", code(TASK_HEAD + "def make(seed):\n    return Task('t', pairs=[], reward=5)\n"), r"--task=\w+:make: field 'reward': not a function"),
+]
+
+
+@pytest.fixture(scope="module")
+def fuzz_sources(tiny_run, small_file, tmp_path_factory):
+    """What the cases mutate, made once: a run stopped at DPO step 2 (config.json, ckpt.pt), a
+    reference, a Hugging Face folder, a .tiktoken file (256 bytes + 2 merges), a preference file."""
+    src = tmp_path_factory.mktemp("fuzz")
+    run_train(src / "stopped", f"--init_from={tiny_run[0]}/ref.pt", *FAST, "--dpo_iters=4", f"--data={small_file}", "--stop_at=2")
+    tiny_model(seed=10, vocab_size=257, n_embd=64, block_size=160).save_pretrained(str(src / "hf"))
+    (src / "toy.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(
+        [bytes([i]) for i in range(256)] + [b"th", b"the"])))
+    return src
+
+
+@pytest.mark.parametrize("i", range(len(FUZZ)), ids=[f"{i}-{f[0]}" for i, f in enumerate(FUZZ)])
+def test_every_file_read_is_fuzzed(tiny_run, small_file, fuzz_sources, tmp_path, monkeypatch, capsys, i):
+    """Each file the project reads, by kind (a run's config.json and checkpoint on --init_from=resume;
+    a reference checkpoint, a Hugging Face folder's config.json and safetensors, a .tiktoken file, a
+    preference file, a judge's and a task's module, each given to a new run with --overwrite=True into
+    a finished run's folder), truncated, with bytes flipped, a value of the wrong type, a field
+    dropped or an inconsistent shape: the run stops with one line naming the file (and the field),
+    a non-zero exit, and nothing in out_dir changed: --overwrite=True deletes nothing before every
+    input is known to be good. (A field dropped from config.json is not an error: the checkpoint's
+    value is taken, test_checkpoint.py.)"""
+    name, mutate, message = FUZZ[i]
+    src, args = fuzz_sources, []
+    if name in ("config.json", "ckpt.pt"):  # the run's own files, on resume
+        out = tmp_path / "run"
+        shutil.copytree(src / "stopped", out)
+        target, argv = out / name, ["--init_from=resume", f"--out_dir={out}"]
+    else:  # a new run's input, into a finished run's folder with --overwrite=True
+        out = tmp_path / "finished"
+        shutil.copytree(tiny_run[0], out)
+        if name in ("model.safetensors", "hf/config.json"):
+            shutil.copytree(src / "hf", tmp_path / "hf")
+            target, args = tmp_path / "hf" / name.removeprefix("hf/"), [f"--init_from={tmp_path / 'hf'}", "--sft_iters=0"]
+        elif name == "ref.pt":
+            target, args = tmp_path / "ref.pt", [f"--init_from={tmp_path / 'ref.pt'}", "--sft_iters=0"]
+            shutil.copy(f"{tiny_run[0]}/ref.pt", target)
+        elif name in ("toy.tiktoken", "pairs.jsonl"):
+            target = tmp_path / name
+            shutil.copy(src / "toy.tiktoken" if name == "toy.tiktoken" else small_file, target)
+            args = [f"--tokenizer={target}" if name == "toy.tiktoken" else f"--data={target}"]
+        else:  # a module of one's own, under a name no earlier case imported
+            module = f"fuzz_{name[:-3]}_{i}"
+            target = tmp_path / f"{module}.py"
+            target.write_text("")
+            monkeypatch.syspath_prepend(str(tmp_path))
+            args = [f"--judge={module}:judge" if name == "judge.py" else f"--task={module}:make"]
+        argv = TINY + FAST + args + [f"--out_dir={out}", "--overwrite=True"]
+    target.write_bytes(mutate(target.read_bytes()))
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(out.rglob("*"))}
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    msg = str(e.value.code)
+    assert re.search(message, msg) and "\n" not in msg and "Traceback" not in msg, msg
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(out.rglob("*"))} == before

@@ -32,12 +32,12 @@ import data as D
 from checkpoint import load_model, restore_state, resume_point, resumed_settings, save_checkpoint, save_state
 from dpo import LOSS_TYPES, check_loss_args, concatenated_logps, dpo_loss, rejected_after_divergence, response_logps, \
     unlikelihood_loss
-from evaluate import call_judge, choose_judge, eval_only, final_eval, held_out_eval, sample, score_pairs
+from evaluate import call_judge, check_inputs, choose_judge, eval_only, final_eval, held_out_eval, sample, score_pairs
 from model import GPT, GPTConfig, ScalarGPT
 from ppo import bradley_terry_loss, last_token_scores
 from rlhf import train_ppo
 from runtime import (Guard, clip_and_step, exit_for_signal, lr_at, make_optimizer, on_signal, or_exit, print0, set_lr,
-                     setup, stop_requested)
+                     setup, start_run, stop_requested)
 from task import load_data, text, tokenize
 
 # ------------------------------------------------------------------------------------------------
@@ -113,6 +113,7 @@ CONFIG = dict(
     sample_batch_size=(128, "prompts per batched generate call"),
     show_samples=(3, "prompts printed with reference and policy samples side by side"),
     log_interval=(10, "training steps (DPO, reward model, PPO iterations) between log lines"),
+    collapse_kl=(0.25, "final KL per response token above which the policy counts as destroyed: exit 1 (0: off)"),
     eval_only=(False, "only evaluate and sample init_from (a checkpoint), no training"),
     prompt=("", "with eval_only: also sample continuations of this prompt"),
     export=("", "with eval_only: also write the policy here as a Hugging Face GPT-2 folder"),
@@ -513,29 +514,30 @@ def precompute_reference(cfg, run, data, reference):
 
 def main(argv):
     cfg = parse_config(argv)
-    run = setup(cfg)                                          # 1. processes, device, precision, out_dir
-    data = load_data(cfg, verbose=run.master)                 # 2. the task, its judge
-    choose_judge(cfg, run, data)
-    resumed, run.ref_sha256 = resume_point(cfg, run, data.inputs, DEFAULTS)  # None, None for a new run
-    policy = build_policy(cfg, run, data.enc, resumed)        # 3. the policy
-    tokenize(cfg, data, policy.config.block_size, verbose=run.master)
-    if not cfg.eval_only:
-        resumed = make_reference(cfg, run, data, policy, resumed)  # 4. SFT -> ref.pt
-    reference = load_reference(cfg, run, ref_path(cfg))
-    val_ref = score_pairs(cfg, run, reference, data.val, data.eot)[:2]
-    if cfg.eval_only:
-        return eval_only(cfg, run, data, policy, reference, val_ref)
-    reference = precompute_reference(cfg, run, data, reference)
-    stage, iters = METHODS[cfg.method]                        # 5. training
-    model, step = stage(cfg, run, data, policy, reference, val_ref, resumed)
-    result = None
-    if run.master and step == (getattr(cfg, iters) if iters else 0):  # 6. evaluation, once training is done
-        reference = reference or load_reference(cfg, run, ref_path(cfg))
-        result = final_eval(cfg, run, data, model, reference, val_ref)
-    if run.ddp:
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
+    with setup(cfg) as run:                                       # 1. processes, device, precision, out_dir
+        data = load_data(cfg, verbose=run.master)                 # 2. the task, and its judge
+        choose_judge(cfg, run, data)
+        resumed, run.ref_sha256 = resume_point(cfg, run, data.inputs, DEFAULTS)  # None, None for a new run
+        policy = build_policy(cfg, run, data.enc, resumed)        # 3. the policy
+        tokenize(cfg, data, policy.config.block_size, verbose=run.master)
+        check_inputs(cfg, run, data, policy)                      # a reward model, an export folder
+        start_run(cfg, run, resumed)                              # every input is good: out_dir's files now
+        if not cfg.eval_only:
+            resumed = make_reference(cfg, run, data, policy, resumed)  # 4. SFT -> ref.pt
+        reference = load_reference(cfg, run, ref_path(cfg))
+        val_ref = score_pairs(cfg, run, reference, data.val, data.eot)[:2]
+        if cfg.eval_only:
+            return eval_only(cfg, run, data, policy, reference, val_ref)
+        reference = precompute_reference(cfg, run, data, reference)
+        stage, iters = METHODS[cfg.method]                        # 5. training
+        model, step = stage(cfg, run, data, policy, reference, val_ref, resumed)
+        result = None
+        if run.master and step == (getattr(cfg, iters) if iters else 0):  # 6. evaluation, once training is done
+            reference = reference or load_reference(cfg, run, ref_path(cfg))
+            result = final_eval(cfg, run, data, model, reference, val_ref)
+        if run.ddp:
+            dist.barrier()
+        return result
 
 
 if __name__ == "__main__":
