@@ -4,6 +4,7 @@ the output folder, the metrics log, stop signals, the optimizer and its schedule
 guard that stops a run before it saves a broken model.
 """
 import fcntl
+import gc
 import json
 import math
 import os
@@ -109,6 +110,7 @@ class Run:
             os.close(self.lock)
         self.metrics = self.lock = None
         if self.ddp and dist.is_initialized():
+            gc.collect()  # a DDP wrapper left in a reference cycle holds the group; freed at exit it can abort
             dist.destroy_process_group()
 
     @property
