@@ -175,7 +175,8 @@ def reward_model_eval(cfg, run, data, rm):
 
 def held_out_eval(cfg, run, data, model, val_ref, step):
     """The evaluation during training, on held-out pairs: a policy's implicit-reward metrics, or a
-    reward model's own."""
+    reward model's own. Its time is counted apart, within the training's."""
+    t0 = time.time()
     if cfg.method == "reward_model":
         rec = reward_model_eval(cfg, run, data, model)
         print0(f"eval {step}: val loss {rec['rm_val_loss']:.4f} | reward model accuracy {rec['rm_accuracy']:.3f} "
@@ -185,6 +186,8 @@ def held_out_eval(cfg, run, data, model, val_ref, step):
         print0(f"eval {step}: val loss {rec['val_loss']:.4f} | implicit-reward accuracy {rec['pref_accuracy']:.3f} "
                f"| margin {rec['val_margin']:+.3f}")
     run.log(dict(stage="eval", step=step, **rec))
+    key = "held-out evaluations (within training)"
+    run.seconds[key] = run.seconds.get(key, 0.0) + time.time() - t0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,9 +282,11 @@ def final_eval(cfg, run, data, model, reference, val_ref):
     why = collapse(cfg, result)
     if why:
         result["collapsed"] = why
+    run.mark("evaluation")
     or_exit(write_json, os.path.join(cfg.out_dir, "eval.json"), result)
-    run.log(dict(stage="final", **result))
+    run.log(dict(stage="final", **result, seconds=run.seconds))
     print0("final: " + " | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    print0("time: " + " | ".join(f"{k} {v:.1f}s" for k, v in run.seconds.items()))
     if why:
         sys.exit(f"the policy collapsed ({why}): its samples are far from anything the reference would write; "
                  f"lower the learning rate or raise beta (eval.json has the figures)")

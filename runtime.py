@@ -98,6 +98,14 @@ class Run:
     ref_sha256: Any = None  # the reference's checksum, once it exists (checkpoints name it)
     metrics: Any = None     # the open metrics.jsonl (rank 0, from start_run)
     lock: Any = None        # the out_dir's lock (rank 0 of a training run)
+    seconds: dict = field(default_factory=dict)  # where the time went: phase -> seconds (mark)
+    t_mark: float = None    # the last mark
+
+    def mark(self, phase):
+        """The time since the last mark (or the start) is `phase`'s: the run's profile."""
+        t, since = time.time(), self.t_mark or self.t_start
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + t - since
+        self.t_mark = t
 
     def __enter__(self):
         return self

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import config
 import data as D
 from checkpoint import load_model, restore_state, resume_point, resumed_settings, save_checkpoint, save_state
-from dpo import LOSS_TYPES, check_loss_args, concatenated_logps, dpo_loss, rejected_after_divergence, response_logps, \
+from dpo import LOSS_TYPES, concatenated_logps, dpo_loss, rejected_after_divergence, response_logps, \
     unlikelihood_loss
 from evaluate import call_judge, check_inputs, choose_judge, eval_only, final_eval, held_out_eval, sample, score_pairs
 from model import GPT, GPTConfig, ScalarGPT
@@ -130,50 +130,13 @@ CONFIG = dict(
     threads=(0, "CPU threads for torch (0: torch's default)"),
 )
 DEFAULTS = {k: v for k, (v, _) in CONFIG.items()}
-POSITIVE = ("best_of", "n_layer", "n_embd", "batch_size", "sft_batch_size", "grad_accum", "dpo_lr", "max_new_tokens",
-            "log_interval", "sft_log_interval", "eval_interval", "ckpt_interval", "eval_samples", "eval_pairs",
-            "score_batch_size", "sample_batch_size", "online_redraws", "rm_iters", "rm_lr", "ppo_iters", "rollout_batch",
-            "ppo_minibatch", "ppo_epochs", "ppo_lr", "clip_range_value", "kl_horizon")
-NON_NEGATIVE = ("sft_iters", "dpo_iters", "warmup_iters", "sft_warmup_iters", "sft_lr", "grad_clip", "stop_at",
-                "top_k", "temperature", "threads", "weight_decay", "kl_coef", "target_kl", "no_eos_penalty", "diverge",
-                "block_size", "length_group", "alpha")
-
-
 def parse_config(argv):
     """--key=value arguments -> the settings, as attributes (cfg.beta); a resumed run's own settings
     fill what is not given. Stops with a message that names the setting on anything it cannot use."""
     cfg, given = config.parse(argv, CONFIG, __doc__)
     if cfg["init_from"] == "resume":
         resumed_settings(cfg, given, DEFAULTS)
-    c = SimpleNamespace(**cfg)
-    try:
-        check_loss_args(c.beta, c.loss_type, c.label_smoothing)  # the loss's own checks, not a copy
-    except ValueError as e:
-        sys.exit(f"bad setting: {e}")
-    config.check(cfg, [
-        ("optimizer", c.optimizer in ("adamw", "rmsprop"), "'adamw' or 'rmsprop'"),
-        ("method", c.method in METHODS, f"one of {tuple(METHODS)}"), ("gamma", 0 < c.gamma <= 1, "in (0, 1]"),
-        ("lam", 0 <= c.lam <= 1, "in [0, 1]"), ("clip_range", 0 < c.clip_range < 1, "in (0, 1)"),
-        ("ppo_minibatch", c.rollout_batch % c.ppo_minibatch == 0, "a divisor of --rollout_batch"),
-        ("dtype", c.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
-        ("n_head", c.n_head > 0 and c.n_embd % c.n_head == 0, "a divisor of --n_embd"),
-        ("out_dir", c.out_dir != "", "a folder"),
-        ("val_fraction", 0 < c.val_fraction < 1, "in (0, 1)"), ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
-        ("judge", c.judge == "" or ":" in c.judge or c.judge.endswith(".pt"), "module:function or a .pt"),
-        ("task", c.task == "" or ":" in c.task, "module:name"),
-        ("reward_model", c.reward_model == "" or c.method in ("ppo", "best_of_n"), "empty unless --method=ppo or best_of_n"),
-        *[(k, cfg[k] > 0, "> 0") for k in POSITIVE], *[(k, cfg[k] >= 0, ">= 0") for k in NON_NEGATIVE]])
-    c.policy_seed = c.seed if c.policy_seed < 0 else c.policy_seed
-    if c.online and c.precompute_ref:
-        sys.exit("--precompute_ref=True needs a fixed training set; online DPO scores its fresh pairs as it goes")
-    for flag in ("online", "precompute_ref", "reference_free"):
-        if c.method in ("reward_model", "ppo", "best_of_n") and getattr(c, flag):
-            sys.exit(f"--{flag}=True is a DPO setting; it does not apply to --method={c.method}")
-    if c.export and not c.eval_only:
-        sys.exit("--export=DIR works with --eval_only=True (it exports the checkpoint given as --init_from)")
-    if c.eval_only and c.init_from in ("scratch", "resume"):
-        sys.exit("--eval_only=True needs --init_from=<checkpoint .pt or GPT-2 folder>")
-    return c
+    return config.check_settings(cfg, METHODS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -522,8 +485,10 @@ def main(argv):
         tokenize(cfg, data, policy.config.block_size, verbose=run.master)
         check_inputs(cfg, run, data, policy)                      # a reward model, an export folder
         start_run(cfg, run, resumed)                              # every input is good: out_dir's files now
+        run.mark("set-up")
         if not cfg.eval_only:
             resumed = make_reference(cfg, run, data, policy, resumed)  # 4. SFT -> ref.pt
+            run.mark("sft")
         reference = load_reference(cfg, run, ref_path(cfg))
         val_ref = score_pairs(cfg, run, reference, data.val, data.eot)[:2]
         if cfg.eval_only:
@@ -531,6 +496,7 @@ def main(argv):
         reference = precompute_reference(cfg, run, data, reference)
         stage, iters = METHODS[cfg.method]                        # 5. training
         model, step = stage(cfg, run, data, policy, reference, val_ref, resumed)
+        run.mark("training")
         result = None
         if run.master and step == (getattr(cfg, iters) if iters else 0):  # 6. evaluation, once training is done
             reference = reference or load_reference(cfg, run, ref_path(cfg))
