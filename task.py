@@ -3,7 +3,8 @@ A task: what the recipe trains on and how its result is judged.
 
     Task(name, pairs, reward=None, is_valid=None, val_pairs=None, prompts=None, sft=None)
 
-  pairs      training preference pairs, {"prompt", "chosen", "rejected"} strings; None: read from --data
+  pairs      training preference pairs, {"prompt", "chosen", "rejected"} strings (or any record a
+             preference file may hold, data.load_pairs); None: read from --data
   reward     reward(prompt, response) -> float, the task's exact reward: PPO-GT maximises it, Best-of-N
              picks by it, it judges policy against reference (the higher reward wins), and the
              evaluation reports its mean. None: no reward (a preference file): those need --judge or
@@ -39,7 +40,7 @@ class Task:
     val_pairs: list = None
     prompts: list = None
     sft: list = None
-    length_grouped: bool = True  # batches of similar lengths (pairs of a file vary; reviews' are all short)
+    length_grouped: bool = True  # batches of similar lengths (measured on reviews: a worse reference; off there)
 
 
 EMBEDDED = {"reviews": "reviews:make_task"}  # --data names that are tasks, not files

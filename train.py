@@ -189,14 +189,18 @@ def load_reference(cfg, run, path):
 # 4. SFT: the reference, by maximum likelihood on responses given their prompts
 
 def sft(cfg, run, policy, data, resumed):
-    """Train `policy` in place on the task's SFT texts: mean negative log-likelihood per response
-    token. Checkpoints go to sft.pt; `resumed` (sft.pt's content) continues exactly where it stopped."""
+    """Train `policy` in place on the task's SFT texts: negative log-likelihood per response token
+    (every token of the corpus weighs the same, whatever its batch). Checkpoints go to sft.pt;
+    `resumed` (sft.pt's content) continues exactly where it stopped."""
     seqs = D.tokenize_sft(data.task.sft, data.enc, policy.config.block_size, cfg.min_prompt_tokens, verbose=run.master)
     if len(seqs) < cfg.sft_batch_size * run.world:
         sys.exit(f"{cfg.data}: {len(seqs)} SFT sequences fit block_size {policy.config.block_size}: too few for one "
                  f"batch of --sft_batch_size={cfg.sft_batch_size} x {run.world} processes")
-    lengths = [len(p) + len(r) for p, r in seqs] if data.task.length_grouped else None
+    lengths = [len(p) + len(r) for p, r in seqs] if data.task.length_grouped else None  # little padding
     loader = D.Batches(seqs, cfg.sft_batch_size, cfg.seed, run.rank, run.world, lengths, cfg.length_group)
+    # the loss divides by a batch's expected response tokens, not its own: in a batch of short responses each
+    # token would otherwise weigh more, and length-grouped batches would teach shorter responses
+    per_batch = cfg.sft_batch_size * sum(len(r) for _, r in seqs) / len(seqs)
     model = DDP(policy) if run.ddp else policy
     optimizer = make_optimizer(cfg, policy, cfg.sft_lr)
     step, last = 0, "none: SFT starts again from its beginning"
@@ -212,14 +216,15 @@ def sft(cfg, run, policy, data, resumed):
         ids, mask = (x.to(run.device) for x in D.collate_sft(loader.next(), data.eot))
         with run.ctx:
             logps, n = response_logps(model, ids, mask)
-            loss = -logps.sum() / n.sum()
+            loss = -logps.sum() / per_batch
         loss.backward()
         guard.before_step(step + 1, loss)
         guard.after_step(step + 1, clip_and_step(policy.parameters(), optimizer, cfg.grad_clip))
         step += 1
         if (step - 1) % cfg.sft_log_interval == 0 or step == cfg.sft_iters:
-            print0(f"sft {step}/{cfg.sft_iters} | nll/token {loss.item():.4f} | lr {lr:.2e} | {time.time() - run.t_start:.0f}s")
-            run.log(dict(stage="sft", step=step, nll=loss.item(), lr=lr, elapsed=time.time() - run.t_start))
+            nll = (-logps.sum() / n.sum()).item()  # per response token of this batch
+            print0(f"sft {step}/{cfg.sft_iters} | nll/token {nll:.4f} | lr {lr:.2e} | {time.time() - run.t_start:.0f}s")
+            run.log(dict(stage="sft", step=step, nll=nll, lr=lr, elapsed=time.time() - run.t_start))
         stop = stop_requested(run)
         if (step % cfg.ckpt_interval == 0 and step < cfg.sft_iters) or stop:  # at the end, ref.pt instead
             guard.last_ckpt = save_state(cfg, run, data.inputs, "sft", policy, optimizer, step,
