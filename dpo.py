@@ -181,6 +181,6 @@ def unlikelihood_loss(policy_chosen_logps, chosen_lengths, rejected_token_logps,
     if not 0 <= alpha:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}")
     nll = -policy_chosen_logps.sum() / chosen_lengths.sum()
-    one_minus_p = (-torch.expm1(rejected_token_logps)).clamp(min=1e-5)  # 1 - exp(logp), exact near p = 0
+    one_minus_p = (-torch.expm1(rejected_token_logps)).clamp(min=1e-5)  # 1 - exp(logp), accurate near p = 1
     ul = -torch.log(one_minus_p).sum() / max(len(rejected_token_logps), 1)  # no tokens: 0, not nan
     return nll + alpha * ul, nll.detach(), ul.detach()

@@ -37,6 +37,8 @@ preference pairs with the Bradley-Terry model, P(y_w beats y_l | x) = sigmoid(r(
 likelihood: loss = -log sigmoid(r_w - r_l). DPO fits this very likelihood, but with r replaced by the implicit
 reward beta*log(pi/pi_ref), which folds the reward model and this RL step into one loss on the policy.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -58,7 +60,10 @@ def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     """(x - mean) / sqrt(var + eps), mean and population variance over the masked entries. shift_mean=False
     adds the mean back (rescale only, e.g. for rewards whose sign matters). Masked-out entries are 0."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    # all-equal entries: x - mean is rounding noise that rsqrt(eps) would blow up 1e4-fold, so it is 0
+    # (no host sync: a 0-d bool); e.g. a group whose responses all earned the same reward
+    same = x.masked_fill(~mask, -math.inf).amax() == x.masked_fill(~mask, math.inf).amin()
+    out = torch.where(same, 0.0, x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return out.masked_fill(~mask, 0)
@@ -106,7 +111,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
     loss = mean of max(-A*rho, -A*clip(rho, 1-eps, 1+eps)), rho = exp(logprobs - old_logprobs).
     stats (detached 0-d tensors, no host sync):
       clip_fraction: share of masked tokens where the clipped term is strictly the larger, i.e. rho left
-                     [1-eps, 1+eps] in the direction A favours and A != 0: exactly the tokens with zero gradient;
+                     [1-eps, 1+eps] in the direction A favours and A != 0 (those tokens get zero gradient, as do
+                     the tokens with A = 0, which are not counted);
       approx_kl:     mean of (rho - 1) - log rho, the k3 estimator of KL(pi_old||pi) (Schulman, "Approximating
                      KL divergence"): unbiased under tokens sampled from pi_old since E_old[rho] = 1, and >= 0.
     """
@@ -133,24 +139,32 @@ def value_loss(values, old_values, returns, mask, clip_range_value):
     err_clipped = (v_clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
     with torch.no_grad():
-        stats = dict(value_clip_fraction=masked_mean((err_clipped > err).to(err.dtype), mask))
+        # |values - old| > c as well: old + (values - old) can round an ulp away from values, which makes
+        # err_clipped strictly larger on a token that was not clipped (and gets its full gradient)
+        clipped = (err_clipped > err) & ((values - old_values).abs() > clip_range_value)
+        stats = dict(value_clip_fraction=masked_mean(clipped.to(err.dtype), mask))
     return loss, stats
 
 
 def entropy_from_logits(logits):
     """Entropy of softmax(logits) along the last dim, shape (...,). H = -sum p log p with log p = logits - lse,
-    so H = lse - sum p*logits, without ever taking the log of a tiny p. Logits must be finite."""
-    p = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+    so H = lse - sum p*logits, without ever taking the log of a tiny p. Logits must be finite. The row's
+    max is subtracted first (H does not change): with an offset of 100, lse and sum p*z would each be ~100
+    and their float32 difference would lose ~1e-5."""
+    z = logits - logits.amax(dim=-1, keepdim=True)
+    p = torch.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
 
 
 @torch.no_grad()
 def explained_variance(values, returns, mask):
     """1 - Var[returns - values] / Var[returns] over the mask, a float: 1 for a perfect value head, 0 for one no
-    better than predicting the mean, negative for a worse one; nan when the returns do not vary."""
-    var_returns = masked_var(returns, mask).item()
-    if var_returns == 0:
+    better than predicting the mean, negative for a worse one; nan when the returns do not vary (all equal:
+    their computed variance is then rounding noise, not 0, so equality is tested on the values)."""
+    r = returns[mask]
+    if r.numel() == 0 or (r.max() == r.min()).item():
         return float("nan")
+    var_returns = masked_var(returns, mask).item()
     return 1.0 - masked_var(returns - values, mask).item() / var_returns
 
 

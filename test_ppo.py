@@ -149,6 +149,21 @@ def test_value_loss_clipping_active_and_inactive():
     assert stats["value_clip_fraction"].item() == 0.0
 
 
+def test_value_clip_fraction_counts_only_clipped_tokens():
+    """float32, old 0.017444674, v 0.1074607, R 0.125, c 0.2: |v - old| = 0.09 <= c, so nothing is clipped,
+    but v - old rounds (the two differ by more than a factor 2) and old + (v - old) = 0.10746069 lands one
+    ulp below v, further from R, and (close to R) the squared errors keep the difference: err_clipped > err
+    by rounding alone. The token is not clipped: the count is 0, and it gets the full gradient
+    d/dv 0.5 (v - R)^2 = v - R = -0.0175393 (a count of 1 would say it got none)."""
+    v = torch.tensor([0.10746069997549057]).requires_grad_(True)
+    old, ret, mask = torch.tensor([0.0174446739256382]), torch.tensor([0.125]), torch.ones(1, dtype=torch.bool)
+    v_clipped = old + torch.clamp(v.detach() - old, -0.2, 0.2)
+    assert ((v_clipped - ret) ** 2 > (v.detach() - ret) ** 2).item()  # the premise: rounding alone "clips"
+    loss, stats = value_loss(v, old, ret, mask, clip_range_value=0.2)
+    assert stats["value_clip_fraction"].item() == 0.0
+    loss.backward()
+    assert v.grad.item() == pytest.approx(0.10746069997549057 - 0.125, abs=1e-7)
+
 # ------------------------------------------------------------------------------------------------
 # reward model
 
@@ -182,6 +197,17 @@ def test_masked_mean_and_whiten():
     assert masked_mean(s, mask).item() == pytest.approx(2.0)
 
 
+def test_whiten_of_equal_entries_is_zero():
+    """All 13 masked entries 123.4 (float32): x - mean is rounding noise (the float32 mean of 13 copies need
+    not be 123.4 exactly), which 1/sqrt(var + 1e-8) = 1e4 would turn into values up to 0.15 here. Equal
+    entries carry no signal: every whitened entry is exactly 0 (a group of responses that all earned the
+    same reward gets no advantage). shift_mean=False gives back the mean."""
+    x, mask = torch.full((3, 5), 123.4), torch.ones(3, 5, dtype=torch.bool)
+    mask[2, 3:] = False
+    assert torch.equal(masked_whiten(x, mask), torch.zeros(3, 5))
+    assert close(masked_whiten(x, mask, shift_mean=False)[mask], torch.full((13,), 123.4), tol=1e-4)
+
+
 def test_entropy_from_logits():
     """Uniform over V = 5 (any constant logit, here 7): ln 5 = 1.60943791.
     Logits [ln 8, 0, 0]: p = [8, 1, 1]/10; H = -0.8 ln 0.8 - 2*0.1 ln 0.1 = 0.17851484 + 0.46051702 = 0.63903186.
@@ -191,6 +217,18 @@ def test_entropy_from_logits():
     assert close(entropy_from_logits(torch.full((2, 3, 5), 7.0)), torch.full((2, 3), 1.60943791), tol=1e-6)
     assert entropy_from_logits(t([math.log(8.0), 0.0, 0.0])).item() == pytest.approx(0.63903186, abs=1e-8)
     assert entropy_from_logits(torch.tensor([1000.0, 0.0, 0.0])).item() == 0.0
+
+
+def test_entropy_of_offset_logits_against_float64():
+    """float32 logits randn*2 + 100 over V = 257: H does not depend on the offset, but lse ~ 105 and
+    sum p*z ~ 100 each carry a rounding error of u*100 ~ 6e-6 and their difference keeps it (2.2e-5
+    measured before the row max was subtracted). With z - max(z) (exact to u|z|, |z| <= 15) both terms
+    are O(log V + max|z|), so |H32 - H64| <= 8 u (log V + max|z - max z|) ~ 1e-5; measured 4.5e-7."""
+    torch.manual_seed(0)
+    z = torch.randn(64, 257) * 2 + 100
+    spread = (z - z.amax(-1, keepdim=True)).abs().max().item()
+    bound = 8 * 2.0 ** -24 * (math.log(257) + spread)
+    assert (entropy_from_logits(z).double() - entropy_from_logits(z.double())).abs().max().item() <= bound
 
 
 def test_explained_variance():
@@ -203,6 +241,10 @@ def test_explained_variance():
     assert explained_variance(t([2.0, 2.0, 2.0, 0.0]), ret, mask) == pytest.approx(0.0, abs=1e-12)
     assert explained_variance(t([1.0, 2.0, 4.0, 0.0]), ret, mask) == pytest.approx(2 / 3)
     assert math.isnan(explained_variance(t([1.0, 2.0, 4.0, 0.0]), t([5.0, 5.0, 5.0, 1.0]), mask))
+    # float32 returns all 1.3: their computed variance is 1.4e-14, not 0 (the float32 mean of eight
+    # 1.3s is not 1.3), which as a divisor gave -7.8e13; equal returns are recognised by their values
+    ret32 = torch.full((2, 4), 1.3)
+    assert math.isnan(explained_variance(torch.zeros(2, 4), ret32, torch.ones(2, 4, dtype=torch.bool)))
 
 
 def test_adaptive_kl_controller():
