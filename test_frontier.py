@@ -1,6 +1,7 @@
 """
-Tests of scripts/frontier.sh and scripts/frontier_report.py, the DPO paper's Figure 2: the report's
-means, spreads and bounds, and a toy-size dry run of the whole sweep.
+Tests of the scripts: frontier.sh and frontier_report.py, the DPO paper's Figure 2 (the report's
+means, spreads and bounds, and a toy-size dry run of the whole sweep); time_recipe.py, the default
+run timed and checked against its bars.
 """
 import importlib.util
 import json
@@ -81,3 +82,36 @@ def test_frontier_sweep_dry_run_resumes_and_skips_finished_runs(tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and not [line for line in again.stdout.splitlines() if re.match(r".*: \d+ s$", line)]
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "scripts", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_recipe_reports_each_run_and_its_bars(tmp_path):
+    """scripts/time_recipe.py at toy size: one seed, fp32, the settings after `--` passed to train.py. It
+    prints one row per run, then one JSON line whose row holds the run's own figures (equal to its
+    eval.json), the precision the run resolved, the run's profile, a wall time at least the profile's
+    sum, and bars_met as the rule gives it. The rule at its edges: win 0.80 and valid 0.85 pass, KL 3.0
+    passes and 3.0001 does not; accuracy 0.1 fails DPO but not PPO, which does not train its implicit
+    reward."""
+    recipe = load_script("time_recipe")
+    assert recipe.passes("win_rate", 0.80, "dpo") and recipe.passes("valid_fraction", 0.85, "dpo")
+    assert recipe.passes("kl", 3.0, "dpo") and not recipe.passes("kl", 3.0001, "dpo")
+    assert not recipe.passes("pref_accuracy", 0.1, "dpo") and recipe.passes("pref_accuracy", 0.1, "ppo")
+    cmd = [sys.executable, os.path.join("scripts", "time_recipe.py"), "--seeds=5", "--dtypes=float32", f"--runs={tmp_path}",
+           "--", *TINY, "--sft_iters=4", "--dpo_iters=2", "--eval_pairs=8"]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert lines[0].startswith("seed 5 float32")
+    (row,) = json.loads(lines[-1])["runs"]
+    with open(tmp_path / "dpo-float32-s5" / "eval.json") as f:
+        figures = json.load(f)
+    assert row["dtype"] == "float32" and row["seed"] == 5
+    assert all(row[k] == figures[k] for k in recipe.BARS)
+    assert row["wall_seconds"] >= sum(row["seconds"].values())
+    assert row["bars_met"] == all(recipe.passes(k, figures[k], "dpo") for k in recipe.BARS)
