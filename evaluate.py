@@ -186,8 +186,7 @@ def held_out_eval(cfg, run, data, model, val_ref, step):
         print0(f"eval {step}: val loss {rec['val_loss']:.4f} | implicit-reward accuracy {rec['pref_accuracy']:.3f} "
                f"| margin {rec['val_margin']:+.3f}")
     run.log(dict(stage="eval", step=step, **rec))
-    key = "held-out evaluations (within training)"
-    run.seconds[key] = run.seconds.get(key, 0.0) + time.time() - t0
+    run.add_seconds("held-out evaluations (within training)", time.time() - t0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,7 +264,7 @@ def collapse(cfg, result):
     """A policy destroyed without a non-finite number or a loss blow-up (the divergence guard's
     cases): its final KL to the reference per response token is above --collapse_kl (0.25 nats).
     Sane runs stay far below: the default run about 0.02, every Figure-2 point under 0.1; with the
-    divergence guard off (--diverge=0), --dpo_lr=0.3 ends at 8.4 (KL 1344 nats over 160 tokens).
+    divergence guard off (--diverge=0), --dpo_lr=0.3 ends at 8.5 (KL 1366 nats over 160 tokens).
     -> the reason, or None."""
     if not cfg.collapse_kl or "kl" not in result:
         return None

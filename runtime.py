@@ -101,10 +101,14 @@ class Run:
     seconds: dict = field(default_factory=dict)  # where the time went: phase -> seconds (mark)
     t_mark: float = None    # the last mark
 
+    def add_seconds(self, phase, seconds):
+        """Count `seconds` to `phase` in the run's profile."""
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
     def mark(self, phase):
-        """The time since the last mark (or the start) is `phase`'s: the run's profile."""
-        t, since = time.time(), self.t_mark or self.t_start
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + t - since
+        """The time since the last mark (or the start) is `phase`'s."""
+        t = time.time()
+        self.add_seconds(phase, t - (self.t_mark or self.t_start))
         self.t_mark = t
 
     def __enter__(self):

@@ -5,7 +5,6 @@ truncation, collation, splits and batches. Expected values are derived in each d
 import base64
 import gzip
 import json
-import math
 import os
 import random
 

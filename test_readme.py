@@ -5,7 +5,6 @@ written, and its test command is the one CI runs.
 import ast
 import os
 import re
-import sys
 
 from conftest import HERE, read_metrics, run_train
 

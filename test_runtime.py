@@ -172,8 +172,6 @@ def test_a_full_disk_at_every_write(tiny_run, tmp_path, monkeypatch, name):
     no config.json, ref.pt or eval.json at all (never a 0-byte one), no NAME.tmp; a metrics log that
     holds only whole lines; an export folder that is not there (rather than half written). (The
     checkpoint's own case, resumed afterwards, is in test_checkpoint.py.)"""
-    import checkpoint
-    import model
     full_disk(monkeypatch, runtime, {name}, room=400 if name == "metrics.jsonl" else 64)  # the log: a line fits, then not
     base = [f"--init_from={tiny_run[0]}/ref.pt", *FAST, "--dpo_iters=1"]
     out = tmp_path / "run"
