@@ -187,7 +187,7 @@ def bench_ppo_iteration(shape, device, n_prompts, n_new, epochs):
     for i in range(2):
         t0 = time.perf_counter()
         ep = rlhf.rollout(cfg, run, data, policy, reference, value, scorer, prompts, i, 0.1)
-        rlhf.ppo_update(cfg, run, policy, value, optimizers, ep, torch.Generator().manual_seed(i), guard, i + 1)
+        rlhf.update(cfg, run, policy, value, optimizers, ep, torch.Generator().manual_seed(i), guard, i + 1)
         sync(device)
         total = time.perf_counter() - t0
         times.append((ep.sample_s, ep.score_s, total - ep.sample_s - ep.score_s, total))

@@ -112,7 +112,7 @@ def load_model(path, device="cpu", dropout=0.0, kind="GPT"):
     return model.to(device)
 
 
-STAGES = ("ref", "sft", "dpo", "rm", "ppo")  # what a run's checkpoint can hold: the reference, or a stage's state
+STAGES = ("ref", "sft", "dpo", "rm", "ppo", "grpo", "rloo")  # what a run's checkpoint can hold: the reference, or a stage's state
 
 
 def check_run_checkpoint(ck, path):
@@ -270,10 +270,11 @@ def resume_point(cfg, run, inputs, defaults):
     if diff:
         sys.exit(f"--init_from=resume: {path} is another run; what differs: {'; '.join(diff)}. "
                  f"May change on resume: {', '.join(MAY_CHANGE)}")
-    iters = dict(dpo=cfg.dpo_iters, rm=cfg.rm_iters, ppo=cfg.ppo_iters, sft=cfg.sft_iters).get(ck["stage"])
-    if iters is not None and ck["step"] > iters:
-        sys.exit(f"--init_from=resume: {path} is at {ck['stage']} step {ck['step']}, past the {iters} asked for: "
-                 f"pass a larger --{ck['stage']}_iters")
+    setting = dict(dpo="dpo_iters", rm="rm_iters", ppo="ppo_iters", grpo="ppo_iters", rloo="ppo_iters",
+                   sft="sft_iters").get(ck["stage"])
+    if setting is not None and ck["step"] > getattr(cfg, setting):
+        sys.exit(f"--init_from=resume: {path} is at {ck['stage']} step {ck['step']}, past the {getattr(cfg, setting)} "
+                 f"asked for: pass a larger --{setting}")
     print0(f"resuming from {path}: " + ("SFT is done; training starts at step 1, no checkpoint of it was written"
                                         if ck["stage"] == "ref" else f"{ck['stage']} step {ck['step']}"))
     return ck, ref_sha

@@ -22,7 +22,7 @@ import data as D
 from checkpoint import load_model
 from dpo import dpo_loss, response_logps
 from model import ScalarGPT
-from ppo import bradley_terry_loss, last_token_scores
+from ppo import bradley_terry_loss, last_token_scores, predicting
 from runtime import atomic_write, or_exit, print0, write_json
 from task import call_task, load_object, prompt_ids, task_rewards, text
 
@@ -50,6 +50,40 @@ def score(cfg, run, model, seqs, eot):
     model.train(was_training)
     where = torch.tensor(order, device=run.device)  # sorted row k is input sequence order[k]
     return [torch.empty_like(x).index_copy_(0, where, x) for x in map(torch.cat, zip(*out))]
+
+
+@torch.no_grad()
+def kl_estimates(cfg, run, policy, reference, seqs, eot):
+    """Two estimates of KL(pi || pi_ref)(x) = E_{y~pi(.|x)}[log pi(y|x) - log pi_ref(y|x)], one per
+    (prompt, response) of seqs, whose responses must be the policy's own samples (temperature 1):
+      sample:   log pi(y|x) - log pi_ref(y|x) = sum_t log pi(y_t|s_t) - log pi_ref(y_t|s_t), s_t = (x, y_<t);
+      analytic: sum_t KL(pi(.|s_t) || pi_ref(.|s_t)), the sum over the whole vocabulary at every position.
+    Same expectation (the chain rule: the sample term at t averages to the analytic term at t over
+    y_t ~ pi(.|s_t)), but the analytic one has averaged out each token's draw, so it varies less and
+    no term is negative; the draw of the path s_t remains. -> (sample (B,), analytic (B,)) float64,
+    on the CPU, in the order of seqs."""
+    out, was = [], (policy.training, reference.training)
+    policy.eval(), reference.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    for i in range(0, len(seqs), cfg.score_batch_size):
+        ids, mask = (x.to(run.device) for x in D.collate_sft([seqs[j] for j in order[i:i + cfg.score_batch_size]], eot))
+        pred = predicting(mask)                                         # (B, T) positions that predict a response token
+        with run.ctx:
+            logp = torch.log_softmax(policy(ids, select=pred).float(), -1)     # (N, V)
+            logq = torch.log_softmax(reference(ids, select=pred).float(), -1)  # (N, V)
+        diff = logp - logq
+        tokens = ids[:, 1:][mask[:, 1:]]                                 # (N,) the response tokens, row-major
+        rows = pred.nonzero()[:, 0]                                      # (N,) the row of each
+        per_token = torch.stack([diff.gather(1, tokens[:, None]).squeeze(1), (logp.exp() * diff).sum(-1)], 1)
+        out.append(torch.zeros(len(mask), 2, dtype=torch.float64, device=run.device).index_add_(0, rows, per_token.double()))
+    policy.train(was[0]), reference.train(was[1])
+    kl = torch.empty(len(seqs), 2, dtype=torch.float64).index_copy_(0, torch.tensor(order), torch.cat(out).cpu())
+    return kl[:, 0], kl[:, 1]
+
+
+def mean_se(x):
+    """The mean of a float64 tensor and its standard error, std / sqrt(n) (n - 1 in the std; 0 for n = 1)."""
+    return x.mean().item(), (x.std().item() / math.sqrt(len(x)) if len(x) > 1 else 0.0)
 
 
 def score_pairs(cfg, run, model, pairs, eot):
@@ -232,8 +266,9 @@ def sample_eval(cfg, run, data, policy, reference):
         if bon:
             res["kl_bound"] = math.log(cfg.best_of) - (cfg.best_of - 1) / cfg.best_of
         else:
-            seqs = list(zip(data.eval_ids, pol))
-            res["kl"] = (score(cfg, run, policy, seqs, data.eot)[0] - score(cfg, run, reference, seqs, data.eot)[0]).mean().item()
+            sample_kl, analytic_kl = kl_estimates(cfg, run, policy, reference, list(zip(data.eval_ids, pol)), data.eot)
+            res["kl"], res["kl_se"] = mean_se(sample_kl)
+            res["kl_analytic"], res["kl_analytic_se"] = mean_se(analytic_kl)
         res["reference_mean_length"] = mean(list(map(len, ref)))
         ref_t = [text(data, r) for r in ref]
         if data.judge is not None:
@@ -335,7 +370,7 @@ def check_inputs(cfg, run, data, policy):
     """What can be checked before any training: the reward model PPO or Best-of-N will use (loaded
     and dropped), and the export folder (its parent can be written; if it exists, it holds an
     earlier export and nothing else, since it will be replaced)."""
-    if cfg.method in ("ppo", "best_of_n") and not cfg.eval_only:
+    if cfg.method in ("ppo", "grpo", "rloo", "best_of_n") and not cfg.eval_only:
         with torch.random.fork_rng(devices=[]):  # building it must not move the seeded RNG
             load_scorer(cfg, run, data, policy)
     if cfg.export:

@@ -36,6 +36,26 @@ rollout's old prediction, by taking the larger of the two squared errors. The re
 preference pairs with the Bradley-Terry model, P(y_w beats y_l | x) = sigmoid(r(x,y_w) - r(x,y_l)), by maximum
 likelihood: loss = -log sigmoid(r_w - r_l). DPO fits this very likelihood, but with r replaced by the implicit
 reward beta*log(pi/pi_ref), which folds the reward model and this RL step into one loss on the policy.
+
+(5) Without a critic: GRPO and RLOO. Both sample a group of G responses per prompt and use the group itself as
+the baseline that the value head provides in (2), so one advantage holds for every token of a response:
+    RLOO (Ahmadian et al. 2024, arXiv:2402.14740, Eq. 3; Kool et al. 2019): A_i = R_i - 1/(G-1) sum_{j!=i} R_j.
+        The baseline leaves out R_i itself, so it is independent of y_i and E[A_i grad log pi(y_i)] is exactly
+        the gradient of E[R]: unbiased. Equal to G/(G-1) (R_i - mean R).
+    GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, section 4.1.2): A_i = (R_i - mean R) / std R.
+        Dividing by the group's spread makes each prompt's advantages O(1) whatever its reward scale; it also
+        weighs a prompt the policy almost always gets right (tiny std) as much as a hard one (Liu et al. 2025,
+        Dr. GRPO, call this a bias). A group whose rewards all tie has no signal: its advantages are exactly 0.
+R_i is the response's score, and the KL to the reference enters in one of two ways:
+    kl_penalty=reward: R_i = r(x,y_i) - beta*sum_t k_t, the sequence form of (1), as RLOO does. Its gradient is
+        the gradient of the objective E[r] - beta*KL(pi||pi_ref), the one DPO solves.
+    kl_penalty=loss: R_i = r(x,y_i), and beta*mean_t k3_t is added to the loss, as GRPO does, with
+        k3 = rho - log rho - 1, rho = pi_ref(y_t|s_t)/pi(y_t|s_t) (Schulman, "Approximating KL divergence"):
+        k3 >= 0 and E_{y_t~pi}[k3] = KL(pi||pi_ref) at s_t. But its gradient through log pi (samples held fixed)
+        is (1 - rho) grad log pi, whose expectation under pi is -E_{pi_ref}[grad log pi] = grad KL(pi_ref||pi):
+        the reverse KL's gradient, not the forward KL's that the RLHF objective has. The default is
+        kl_penalty=reward, so that every method in Figure 2 solves the same objective.
+The loss is PPO's clipped loss (3) with these advantages, averaged over every response token of the batch.
 """
 import math
 
@@ -125,6 +145,31 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
         stats = dict(clip_fraction=masked_mean((clipped > unclipped).to(ratio.dtype), mask),
                      approx_kl=masked_mean((ratio - 1) - log_ratio, mask))
     return loss, stats
+
+
+def group_advantages(scores, method):
+    """The critic-free advantages of (5), one per response. scores (P, G): G responses to each of P prompts.
+    method 'rloo': R_i minus the mean of the other G - 1; 'grpo': (R_i - mean) / std, the sample std (n - 1),
+    and exactly 0 for a group whose scores are all equal (its R_i - mean would be rounding noise, and so
+    would the std). In float64: scores one float32 ulp apart still get their exact z-scores. -> (P, G)"""
+    G, dtype = scores.shape[1], scores.dtype
+    scores = scores.double()  # a group can differ by a float32 ulp: its mean and spread stay exact
+    if G < 2:
+        raise ValueError(f"a group needs at least 2 responses, got {G}")
+    if method == "rloo":
+        return (scores - (scores.sum(1, keepdim=True) - scores) / (G - 1)).to(dtype)
+    if method != "grpo":
+        raise ValueError(f"method {method!r}: 'grpo' or 'rloo'")
+    tied = scores.amax(1, keepdim=True) == scores.amin(1, keepdim=True)        # (P, 1)
+    centred = torch.where(tied, 0.0, scores - scores.mean(1, keepdim=True))
+    return (centred / torch.where(tied, 1.0, scores.std(1, keepdim=True))).to(dtype)
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """GRPO's per-token KL estimate, (5): k3 = rho - log rho - 1 with log rho = ref_logprobs - logprobs, for
+    tokens sampled from pi. >= 0; its mean under pi is KL(pi||pi_ref); its gradient is the reverse KL's."""
+    log_rho = ref_logprobs - logprobs
+    return torch.expm1(log_rho) - log_rho   # expm1: no cancellation when rho is near 1
 
 
 def value_loss(values, old_values, returns, mask, clip_range_value):

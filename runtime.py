@@ -189,8 +189,9 @@ def setup(cfg):
             device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         check_device(device)
     if ddp and cfg.method in ("reward_model", "ppo", "best_of_n"):
-        sys.exit(f"--method={cfg.method} runs in one process; torchrun (DDP) is supported for dpo, preferred_ft and unlikelihood")
-    if cfg.grad_accum % world:
+        sys.exit(f"--method={cfg.method} runs in one process; torchrun (DDP) is supported for dpo, preferred_ft, "
+                 f"unlikelihood, grpo and rloo")
+    if cfg.grad_accum % world and cfg.method not in ("grpo", "rloo"):  # they take rollout_batch per process
         sys.exit(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes ({world})")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -199,7 +200,7 @@ def setup(cfg):
         dtype = "bfloat16" if (torch.cuda.is_bf16_supported() if dev_type == "cuda" else
                                dev_type == "cpu" and cpu_has_bf16()) else "float32"
     torch.manual_seed(cfg.seed + rank)
-    run = Run(ddp=ddp, rank=rank, world=world, device=device, dtype=dtype, accum=cfg.grad_accum // world,
+    run = Run(ddp=ddp, rank=rank, world=world, device=device, dtype=dtype, accum=max(cfg.grad_accum // world, 1),
               out_dir=cfg.out_dir)
     try:
         check_out_dir(cfg, run)

@@ -1,6 +1,6 @@
 """
-Tests of ppo.py: per-token rewards, GAE, the clipped policy and value losses, the reward model's loss and
-the helpers. Every expected number is worked out by hand in the test's docstring and written as a literal.
+Tests of ppo.py: per-token rewards, GAE, the clipped policy and value losses, GRPO's and RLOO's group
+advantages and the k3 KL estimator, the reward model's loss and the helpers. Every expected number is worked out by hand in the test's docstring and written as a literal.
 Run: python -m pytest -q test_ppo.py
 """
 import math
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ppo import (AdaptiveKLController, bradley_terry_loss, entropy_from_logits, explained_variance, gae,
-                 masked_mean, masked_whiten, per_token_rewards, policy_loss, value_loss)
+                 group_advantages, k3_kl, masked_mean, masked_whiten, per_token_rewards, policy_loss, value_loss)
 
 
 def t(*rows):
@@ -126,6 +126,88 @@ def test_policy_loss_gradient_vanishes_exactly_on_clipped_tokens():
     loss, _ = policy_loss(logprobs, old, adv, mask, clip_range=0.2)
     loss.backward()
     assert close(logprobs.grad, [[-1 / 6, -2 / 6, 0.0, 0.0], [0.0, 1 / 6, 1.5 / 6, 0.0]], tol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# critic-free: GRPO and RLOO (ppo.py's (5))
+
+def test_group_advantages_by_hand():
+    """One group of G = 4 scores 1, 2, 3, 6: mean 3, deviations -2, -1, 0, 3.
+    RLOO: each minus the mean of the other three: 1 - 11/3 = -8/3, 2 - 10/3 = -4/3, 3 - 9/3 = 0,
+    6 - 6/3 = 4 (= 4/3 x the deviations; they sum to 0). A baseline that included the response
+    itself (the plain mean) would give -2, -1, 0, 3.
+    GRPO: deviations over the sample std sqrt((4 + 1 + 0 + 9)/3) = sqrt(14/3) = 2.1602469:
+    -0.9258201, -0.4629100, 0, 1.3887301. The population std (/4) would give -1.0690450 first.
+    A second group, all 5s, has no signal: 0 for both methods (no 0/0)."""
+    scores = t([1, 2, 3, 6], [5, 5, 5, 5])
+    assert close(group_advantages(scores, "rloo"), [[-8 / 3, -4 / 3, 0, 4], [0, 0, 0, 0]], 1e-12)
+    assert close(group_advantages(scores, "grpo"), [[-0.9258201, -0.4629100, 0, 1.3887301], [0, 0, 0, 0]])
+    with pytest.raises(ValueError, match="at least 2"):
+        group_advantages(t([1.0]), "grpo")
+
+
+def test_grpo_advantages_of_a_tied_float32_group_are_exactly_zero():
+    """Four float32 scores of 1.3: their float32 mean is 1.3 up to rounding, so score - mean and the
+    std would both be rounding noise, and their ratio anything of order 1. The tie is tested on the
+    scores themselves: exactly 0. A group whose last score is one ulp higher is not tied: as any
+    three equal scores and a fourth above them, its z-scores are -0.5, -0.5, -0.5, 1.5 (deviations
+    -d/4 x 3 and 3d/4, sample std sqrt((3/16 + 9/16) d^2 / 3) = d/2), which float32 arithmetic would
+    miss (its mean rounds to 1.3: 0, 0, 0, 1.73); the float64 computation gets them."""
+    tied = torch.full((1, 4), 1.3)
+    assert group_advantages(tied, "grpo").tolist() == [[0.0] * 4]
+    one_apart = torch.tensor([[1.3, 1.3, 1.3, torch.nextafter(torch.tensor(1.3), torch.tensor(2.0)).item()]])
+    a = group_advantages(one_apart, "grpo")
+    assert a.dtype == torch.float32 and close(a.double(), [[-0.5, -0.5, -0.5, 1.5]])
+
+
+def test_k3_estimator_by_enumeration():
+    """On p = (0.5, 0.3, 0.2) (the policy, tokens drawn from it) and q = (0.2, 0.5, 0.3) (the
+    reference), k3(y) = q/p - log(q/p) - 1 has mean sum_y p (q/p - 1) + sum_y p log(p/q)
+    = (1 - 1) + KL(p||q) = 0.5 ln 2.5 + 0.3 ln 0.6 + 0.2 ln(2/3) = 0.4581454 - 0.1532477 - 0.0810930
+    = 0.2238047 (forward KL), and every
+    term is >= 0 (x - 1 - log x >= 0), even at a ratio of 1e-4 or 1e4.
+    Its gradient is not the forward KL's. With p = softmax(theta), differentiating k3 through log p
+    with the samples held fixed gives (1 - q/p) grad log p, whose mean under p is
+    -sum_y q grad log p = grad KL(q||p). By hand, d/dtheta of KL(q||softmax(theta)) is p - q =
+    (0.3, -0.2, -0.1), and of the forward KL(p||q) it is p_i (log(p_i/q_i) - KL(p||q)) =
+    (0.3462432, -0.2203891, -0.1258541): the pathwise k3 gradient is the first."""
+    p, q = t(0.5, 0.3, 0.2), t(0.2, 0.5, 0.3)
+    per_y = k3_kl(p.log(), q.log())
+    assert abs((p * per_y).sum().item() - 0.2238047) < 1e-7 and (per_y >= 0).all()
+    assert (k3_kl(t(0.0, 0.0), t(math.log(1e-4), math.log(1e4))) >= 0).all()
+    theta = p.log().clone().requires_grad_(True)
+    logp = torch.log_softmax(theta, 0)
+    (p * k3_kl(logp, q.log())).sum().backward()  # p: the sampling weights, held fixed
+    pathwise = theta.grad.clone()
+    reverse = torch.autograd.grad((q * (q.log() - torch.log_softmax(theta, 0))).sum(), theta)[0]
+    forward = torch.autograd.grad((torch.softmax(theta, 0) * (torch.log_softmax(theta, 0) - q.log())).sum(), theta)[0]
+    assert close(pathwise, [0.3, -0.2, -0.1], 1e-12) and close(reverse, [0.3, -0.2, -0.1], 1e-12)
+    assert close(forward, [0.3462432, -0.2203891, -0.1258541])
+
+
+def test_critic_free_step_raises_the_better_response():
+    """A group of two responses of a tiny model, scores 1 and 0: GRPO gives advantages +0.7071 and
+    -0.7071 (deviations +-0.5 over the sample std 0.7071), RLOO +1 and -1. One small SGD step (lr 0.01) on PPO's
+    clipped loss (ratio 1 at the first step, so no clipping) with either must raise log pi of the
+    first response and lower the second's; a sign flipped in the advantages or in the loss fails."""
+    from conftest import tiny_model
+    from ppo import token_logps
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 7, 8, 9]])
+    mask = torch.tensor([[False, False, True, True, True, True]] * 2)
+    rmask = torch.ones(2, 4, dtype=torch.bool)
+    for method, expected in (("grpo", [0.7071068, -0.7071068]), ("rloo", [1.0, -1.0])):
+        adv = group_advantages(torch.tensor([[1.0, 0.0]]), method).view(-1)
+        assert close(adv, expected)
+        model = tiny_model(seed=4)
+        before, _ = token_logps(model, ids, mask, rmask)
+        loss, _ = policy_loss(before, before.detach(), adv[:, None] * rmask, rmask, 0.2)
+        loss.backward()
+        with torch.no_grad():
+            for w in model.parameters():
+                w -= 0.01 * w.grad
+        after, _ = token_logps(model, ids, mask, rmask)
+        change = (after - before).sum(1)
+        assert change[0] > 0 > change[1], (method, change)
 
 
 def test_value_loss_clipping_active_and_inactive():

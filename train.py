@@ -35,7 +35,7 @@ from dpo import LOSS_TYPES, concatenated_logps, dpo_loss, rejected_after_diverge
 from evaluate import call_judge, check_inputs, choose_judge, eval_only, final_eval, held_out_eval, sample, score_pairs
 from model import GPT, GPTConfig, ScalarGPT
 from ppo import bradley_terry_loss, last_token_scores
-from rlhf import train_ppo
+from rlhf import train_rl
 from runtime import (Guard, clip_and_step, exit_for_signal, lr_at, make_optimizer, on_signal, or_exit, print0, set_lr,
                      setup, start_run, stop_requested)
 from task import load_data, text, tokenize
@@ -74,7 +74,8 @@ CONFIG = dict(
     weight_decay=(0.0, "AdamW weight decay on matrices"),
     grad_clip=(1.0, "clip the gradient norm to this (0: off)"),
     diverge=(100.0, "stop when a loss passes this x max(first loss, 1) or the weights' norm doubles in a step (0: off)"),
-    method=("dpo", "'dpo'; baselines 'preferred_ft', 'unlikelihood', 'best_of_n'; RLHF: 'reward_model', then 'ppo'"),
+    method=("dpo", "'dpo'; baselines 'preferred_ft', 'unlikelihood', 'best_of_n'; RLHF: 'reward_model', then 'ppo', "
+                   "or critic-free 'grpo', 'rloo'"),
     beta=(1.0, "strength of the KL anchor to the reference: small beta lets the policy move further"),
     loss_type=("sigmoid", f"one of {LOSS_TYPES}"),
     alpha=(0.001, "unlikelihood: weight of the push down on the rejected tokens (0.01 broke half the samples here)"),
@@ -85,16 +86,20 @@ CONFIG = dict(
     online_redraws=(10, "online DPO: draws of a batch in which the judge called every pair a tie, before stopping"),
     judge=("", "module:function, judge(prompt, a, b) -> 0 (a wins), 1 or None (tie); or a reward model's ckpt.pt"),
     best_of=(16, "best_of_n: responses sampled from the reference per prompt; the highest-scored (PPO's score) is kept"),
-    # RLHF: a Bradley-Terry reward model (--method=reward_model), then PPO with a per-token KL penalty (--method=ppo)
-    reward_model=("", "PPO-RM, best_of_n: a --method=reward_model run's ckpt.pt as the score ('': the task's reward)"),
+    # RLHF: a Bradley-Terry reward model (--method=reward_model), then policy gradients: PPO with a value model and a
+    # per-token KL penalty (--method=ppo), or critic-free with a group of responses per prompt (grpo, rloo)
+    reward_model=("", "PPO, GRPO, RLOO, best_of_n: a --method=reward_model run's ckpt.pt as the score ('': the task's reward)"),
     rm_iters=(300, "reward model steps (batch_size pairs each)"),
     rm_lr=(1e-3, "reward model learning rate after warm-up"),
-    ppo_iters=(35, "PPO iterations: sample rollout_batch responses, score them, ppo_epochs passes of updates"),
-    rollout_batch=(64, "prompts per PPO iteration (one response each), per process"),
+    ppo_iters=(35, "PPO/GRPO/RLOO iterations: sample rollout_batch responses, score them, ppo_epochs passes of updates"),
+    rollout_batch=(64, "responses per PPO/GRPO/RLOO iteration, per process (PPO: one per prompt; GRPO/RLOO: group_size)"),
+    group_size=(4, "GRPO/RLOO: responses sampled per prompt, whose scores are each other's baseline (>= 2)"),
+    kl_penalty=("reward", "GRPO/RLOO: 'reward' subtracts kl_coef * sum_t (log pi - log pi_ref) from each score (the "
+                          "RLHF objective); 'loss' adds kl_coef * mean k3 to the loss, as GRPO (ppo.py (5) says how they differ)"),
     ppo_minibatch=(16, "responses per PPO update step (divides rollout_batch)"),
     ppo_epochs=(4, "passes over each rollout batch"),
-    ppo_lr=(2e-4, "learning rate of the policy and of the value model after warm-up"),
-    kl_coef=(0.5, "PPO's beta: each response token's reward is -kl_coef * (log pi - log pi_ref)"),
+    ppo_lr=(2e-4, "learning rate of the policy and of PPO's value model after warm-up (grpo, rloo: 1e-4)"),
+    kl_coef=(0.5, "PPO/GRPO/RLOO's beta: PPO pays each response token -kl_coef * (log pi - log pi_ref) (grpo, rloo: 0.7)"),
     target_kl=(0.0, "adaptive KL controller: target KL per response in nats (0: kl_coef stays fixed)"),
     kl_horizon=(1000, "adaptive KL controller: responses over which kl_coef moves by at most e^0.2"),
     gamma=(1.0, "discount over response tokens (1: the return is exactly the objective)"),
@@ -130,12 +135,19 @@ CONFIG = dict(
     threads=(0, "CPU threads for torch (0: torch's default)"),
 )
 DEFAULTS = {k: v for k, (v, _) in CONFIG.items()}
+# the defaults that differ by method (a setting given on the command line wins): GRPO and RLOO give
+# every token of a response the same advantage, so the same learning rate moves them further than PPO
+METHOD_DEFAULTS = dict(grpo=dict(ppo_lr=1e-4, kl_coef=0.7), rloo=dict(ppo_lr=1e-4, kl_coef=0.7))
+
+
 def parse_config(argv):
     """--key=value arguments -> the settings, as attributes (cfg.beta); a resumed run's own settings
     fill what is not given. Stops with a message that names the setting on anything it cannot use."""
     cfg, given = config.parse(argv, CONFIG, __doc__)
     if cfg["init_from"] == "resume":
         resumed_settings(cfg, given, DEFAULTS)
+    else:
+        cfg.update({k: v for k, v in METHOD_DEFAULTS.get(cfg["method"], {}).items() if k not in given})
     return config.check_settings(cfg, METHODS)
 
 
@@ -464,7 +476,8 @@ def no_training(cfg, run, data, policy, reference, val_ref, resumed):
 # method: (its training stage, the setting that counts the stage's steps)
 METHODS = dict(dpo=(train_on_pairs, "dpo_iters"), preferred_ft=(train_on_pairs, "dpo_iters"),
                unlikelihood=(train_on_pairs, "dpo_iters"), reward_model=(train_reward_model, "rm_iters"),
-               ppo=(train_ppo, "ppo_iters"), best_of_n=(no_training, None))
+               ppo=(train_rl, "ppo_iters"), grpo=(train_rl, "ppo_iters"), rloo=(train_rl, "ppo_iters"),
+               best_of_n=(no_training, None))
 
 
 def precompute_reference(cfg, run, data, reference):

@@ -1,0 +1,89 @@
+"""
+The optimal frontier of a Figure 2 sweep (optimum.py's math): N samples per held-out prompt from the
+sweep's reference, their exact task rewards, then for each beta of a grid the optimum's reward and KL
+with bootstrap intervals, and Best-of-N's exact KL beside its bound. Needs a task with a reward.
+
+  python scripts/frontier_optimum.py runs/frontier                  # runs/frontier/optimum/{rewards.npy,optimum.json}
+  python scripts/frontier_optimum.py runs/frontier --samples=128     # fewer samples per prompt (faster)
+
+Sampling is the cost: 256 prompts x 256 samples of the default reference took about 10 min on a 2-core
+CPU (RESULTS.md); rewards.npy is kept, so a second call only recomputes the table.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import optimum  # noqa: E402
+import train  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from evaluate import sample  # noqa: E402
+from runtime import print0, setup  # noqa: E402
+from task import load_data, task_rewards, tokenize  # noqa: E402
+
+BETAS = [round(float(b), 4) for b in np.geomspace(0.1, 100, 31)]  # KL from about 0 to past log N
+BEST_OF = (2, 4, 16, 64)
+
+
+def sample_rewards(runs, n, extra):
+    """-> (P, n) float64: the exact rewards of n reference samples (temperature 1, no top-k: pi_ref itself)
+    for each held-out prompt, sampled in chunks of 16 prompts with seeds seed + 3 + chunk."""
+    out = os.path.join(runs, "optimum")
+    cfg = train.parse_config([f"--out_dir={out}", f"--init_from={runs}/reference/ref.pt", "--sft_iters=0",
+                              "--overwrite=True", *extra])
+    with setup(cfg) as run:
+        pass
+    data = load_data(cfg)
+    if data.task.reward is None:
+        sys.exit(f"--data={cfg.data}: the task has no reward, so there is no exact optimum to estimate")
+    reference = load_model(cfg.init_from, run.device).eval()
+    tokenize(cfg, data, reference.config.block_size)
+    rows, t0 = [], time.time()
+    for c in range(0, len(data.eval_ids), 16):
+        prompts = [p for p in data.eval_ids[c:c + 16] for _ in range(n)]    # each prompt n times in a row
+        outs = sample(cfg, run, reference, prompts, cfg.seed + 3 + c, data.eot, temperature=1.0, top_k=0)
+        rows.append(task_rewards(data, prompts, outs).double().view(-1, n).numpy())
+        print0(f"sampled {c + len(prompts) // n}/{len(data.eval_ids)} prompts x {n} | {time.time() - t0:.0f}s")
+    return np.concatenate(rows), time.time() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", help="the sweep's folder: its reference/ref.pt is sampled")
+    ap.add_argument("--samples", type=int, default=256, help="reference samples per held-out prompt (N)")
+    args, extra = ap.parse_known_args(argv)  # the rest: train.py settings, e.g. --threads=2 (the sweep's task's)
+    path = os.path.join(args.runs, "optimum", "rewards.npy")
+    seconds = None
+    if os.path.isfile(path) and np.load(path).shape[1] == args.samples:
+        rewards = np.load(path)
+    else:
+        rewards, seconds = sample_rewards(args.runs, args.samples, extra)
+        np.save(path, rewards)
+    P, N = rewards.shape
+    frontier = optimum.optimal_frontier(rewards, BETAS)
+    half = optimum.optimal_frontier(rewards[:, :N // 2], BETAS)  # the same at N/2: how far N has converged
+    result = dict(prompts=P, samples=N, sample_seconds=seconds, reference_reward=float(rewards.mean()),
+                  log_n=math.log(N), frontier=frontier, frontier_half=half,
+                  best_of=optimum.best_of_n_table(rewards, BEST_OF))
+    with open(os.path.join(args.runs, "optimum", "optimum.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{P} prompts x {N} reference samples (reward {result['reference_reward']:.3f})"
+          + (f", sampled in {seconds:.0f} s" if seconds else ""))
+    print("| beta | KL (nats) | optimum's reward | 95% interval | median ESS | at N/2: KL, reward | trusted |")
+    print("|---|---|---|---|---|---|---|")
+    for r, h in zip(frontier, half):
+        print(f"| {r['beta']:g} | {r['kl']:.2f} | {r['reward']:.2f} | {r['reward_lo']:.2f}-{r['reward_hi']:.2f} | "
+              f"{r['ess_median']:.1f} | {h['kl']:.2f}, {h['reward']:.2f} | {'yes' if r['trusted'] else 'no'} |")
+    print("\n| Best-of-N | exact KL (± s.e.) | bound log N - (N-1)/N | reward from the samples |\n|---|---|---|---|")
+    for b in result["best_of"]:
+        print(f"| {b['n']} | {b['kl']:.3f} ± {b['kl_se']:.3f} | {b['bound']:.3f} | {b['reward']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
