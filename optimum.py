@@ -66,33 +66,41 @@ def optimal_frontier(rewards, betas, n_boot=200, seed=0, min_ess=10.0):
     return sorted(rows, key=lambda r: r["kl"])
 
 
-def optimum_reward_at(frontier, kl):
-    """R*(KL): the frontier's reward at this KL, linear between its points (the rows of optimal_frontier,
-    sorted by KL); None beyond its last trusted point."""
+def optimum_reward_at(frontier, kl, reference_reward):
+    """R*(KL): the frontier's reward at this KL, linear between its trusted points (the rows of
+    optimal_frontier, sorted by KL) and from (0, reference_reward), where every frontier starts
+    (beta -> infinity: pi* = pi_ref); None beyond its last trusted point."""
     trusted = [r for r in frontier if r["trusted"]]
     if not trusted or kl > trusted[-1]["kl"]:
         return None
-    return float(np.interp(kl, [r["kl"] for r in trusted], [r["reward"] for r in trusted]))
+    return float(np.interp(kl, [0.0] + [r["kl"] for r in trusted], [reference_reward] + [r["reward"] for r in trusted]))
 
 
-def best_of_n_exact(rewards_row, n):
-    """Best-of-n from one prompt's reference reward samples (N,): their empirical distribution p(r) over
-    distinct rewards, then P_n(r) = F(r)^n - F(r-)^n. -> (KL(best-of-n || pi_ref), E_{best-of-n}[r])."""
-    values, counts = np.unique(rewards_row, return_counts=True)         # sorted distinct rewards
+def best_of_n_exact(scores_row, n, rewards_row=None):
+    """Best-of-n from one prompt's reference samples (N,): the empirical distribution p(s) of the score it
+    selects on over distinct scores, then P_n(s) = F(s)^n - F(s-)^n. The selected response is one of the
+    highest-scored, equal scores kept in the reference's proportions, so its expected reward is
+    sum_s P_n(s) mean(reward | s); rewards_row: each sample's reward, if not the score itself (e.g. the
+    score minus a penalty). -> (KL(best-of-n || pi_ref), E_{best-of-n}[reward])."""
+    rewards_row = scores_row if rewards_row is None else rewards_row
+    values, inverse, counts = np.unique(scores_row, return_inverse=True, return_counts=True)  # sorted distinct scores
     p = counts / counts.sum()
     F = np.cumsum(p)
     F_below = np.concatenate([[0.0], F[:-1]])
     p_n = F ** n - F_below ** n
+    mean_reward = np.bincount(inverse, weights=rewards_row) / counts    # (distinct scores,)
     keep = p_n > 0
-    return float((p_n[keep] * np.log(p_n[keep] / p[keep])).sum()), float((p_n * values).sum())
+    return float((p_n[keep] * np.log(p_n[keep] / p[keep])).sum()), float((p_n * mean_reward).sum())
 
 
-def best_of_n_table(rewards, ns):
+def best_of_n_table(rewards, ns, scores=None):
     """For each n: the mean over prompts of best-of-n's exact KL and reward, with the KL's standard error,
-    beside the bound log n - (n-1)/n. -> [dict(n, kl, kl_se, reward, bound)]"""
+    beside the bound log n - (n-1)/n. rewards (P, N); scores (P, N), what best-of-n selects on, if not the
+    rewards. -> [dict(n, kl, kl_se, reward, bound)]"""
+    scores = rewards if scores is None else scores
     out = []
     for n in ns:
-        kl, reward = np.array([best_of_n_exact(row, n) for row in rewards]).T
+        kl, reward = np.array([best_of_n_exact(s, n, r) for s, r in zip(scores, rewards)]).T
         se = float(kl.std(ddof=1) / math.sqrt(len(kl))) if len(kl) > 1 else 0.0
         out.append(dict(n=int(n), kl=float(kl.mean()), kl_se=se,
                         reward=float(reward.mean()), bound=math.log(n) - (n - 1) / n))

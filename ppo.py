@@ -47,8 +47,10 @@ the baseline that the value head provides in (2), so one advantage holds for eve
         weighs a prompt the policy almost always gets right (tiny std) as much as a hard one (Liu et al. 2025,
         Dr. GRPO, call this a bias). A group whose rewards all tie has no signal: its advantages are exactly 0.
 R_i is the response's score, and the KL to the reference enters in one of two ways:
-    kl_penalty=reward: R_i = r(x,y_i) - beta*sum_t k_t, the sequence form of (1), as RLOO does. Its gradient is
-        the gradient of the objective E[r] - beta*KL(pi||pi_ref), the one DPO solves.
+    kl_penalty=reward: R_i = r(x,y_i) - beta*sum_t k_t, the sequence form of (1), as RLOO does. With RLOO's
+        advantages the expected gradient is the gradient of the objective E[r] - beta*KL(pi||pi_ref), the one
+        DPO solves. GRPO's division by each group's std reweights the prompts, so its gradient is not exactly
+        that; and in a group whose rewards all tie, the z-score is of the KL terms alone, full size whatever beta.
     kl_penalty=loss: R_i = r(x,y_i), and beta*mean_t k3_t is added to the loss, as GRPO does, with
         k3 = rho - log rho - 1, rho = pi_ref(y_t|s_t)/pi(y_t|s_t) (Schulman, "Approximating KL divergence"):
         k3 >= 0 and E_{y_t~pi}[k3] = KL(pi||pi_ref) at s_t. But its gradient through log pi (samples held fixed)
@@ -167,8 +169,9 @@ def group_advantages(scores, method):
 
 def k3_kl(logprobs, ref_logprobs):
     """GRPO's per-token KL estimate, (5): k3 = rho - log rho - 1 with log rho = ref_logprobs - logprobs, for
-    tokens sampled from pi. >= 0; its mean under pi is KL(pi||pi_ref); its gradient is the reverse KL's."""
-    log_rho = ref_logprobs - logprobs
+    tokens sampled from pi. >= 0; its mean under pi is KL(pi||pi_ref); its gradient is the reverse KL's.
+    log rho is clamped to [-20, 20], so a token whose probability fell e^20-fold gives a large, finite loss."""
+    log_rho = (ref_logprobs - logprobs).clamp(-20, 20)  # a token pi all but abandoned: e^20, not inf
     return torch.expm1(log_rho) - log_rho   # expm1: no cancellation when rho is near 1
 
 

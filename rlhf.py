@@ -60,14 +60,15 @@ def rollout(cfg, run, data, policy, reference, value, scorer, prompts, seed, kl_
     if value is not None:   # PPO: the KL as a per-token reward, GAE over the value model's predictions
         rewards, kl = P.per_token_rewards(old_logps, ref_logps, rmask, scores, kl_coef)
         advantages, returns = P.gae(rewards, values, rmask, cfg.gamma, cfg.lam)
-        advantages = P.masked_whiten(advantages, rmask)
+        advantages, tied = P.masked_whiten(advantages, rmask), None
     else:                   # GRPO, RLOO: one advantage per response, from its group's scores (ppo.py's (5))
         kl = (old_logps - ref_logps).masked_fill(~rmask, 0)                       # (B, R)
         total = scores - kl_coef * kl.sum(1) if cfg.kl_penalty == "reward" else scores
         per_response = P.group_advantages(total.view(-1, cfg.group_size), cfg.method).view(-1)  # (B,)
         advantages, returns = per_response[:, None] * rmask, None                 # (B, R), 0 at pads
+        tied = (total.view(-1, cfg.group_size).amax(1) == total.view(-1, cfg.group_size).amin(1)).float().mean()
     return SimpleNamespace(ids=ids, mask=mask, rmask=rmask, old_logps=old_logps, ref_logps=ref_logps, values=values,
-                           returns=returns, advantages=advantages, scores=scores, kl=kl.sum(1), kl_coef=kl_coef,
+                           returns=returns, advantages=advantages, scores=scores, kl=kl.sum(1), kl_coef=kl_coef, tied=tied,
                            lengths=n.float(), widths=torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)]),
                            truncated=truncated.float(), sample_s=t1 - t0, score_s=time.time() - t1)
 
@@ -109,7 +110,8 @@ def log_rl(cfg, run, step, rec, ep):
     """One line per log_interval iterations. score: the rollouts' mean reward (no-eos penalty included);
     kl: their mean sum_t log pi/pi_ref; clip: the share of tokens whose ratio was clipped; approx_kl: how
     far the updates moved the policy from the rollouts' (k3); PPO: the value loss and its explained
-    variance; GRPO/RLOO: tied, the share of groups whose scores all tie (no signal from them)."""
+    variance; GRPO/RLOO: tied, the share of groups whose totals (score, minus the KL with kl_penalty=reward)
+    all tie: their advantages are 0, no signal."""
     critic = (f"vf {rec['value_loss']:.4f} | ev {rec['explained_variance']:+.2f}" if "value_loss" in rec
               else f"tied {rec['tied_groups']:.2f}" + (f" | k3 {rec['kl_loss']:.4f}" if "kl_loss" in rec else ""))
     print0(f"{cfg.method} {step}/{cfg.ppo_iters} | score {rec['score']:+.3f} | kl {rec['kl']:.3f} | "
@@ -121,10 +123,10 @@ def log_rl(cfg, run, step, rec, ep):
 
 def rollout_record(cfg, run, step, ep, kl_coef, lr):
     """The logged facts of one rollout, averaged over every process: score, kl (so that an adaptive
-    kl_coef moves alike on every rank), length, truncated share; PPO's explained variance, GRPO/RLOO's
-    share of tied groups (rank 0's own)."""
-    tied = ep.scores.view(-1, group_size(cfg)).amax(1) == ep.scores.view(-1, group_size(cfg)).amin(1)
-    means = torch.stack([ep.scores.mean(), ep.kl.mean(), ep.lengths.mean(), ep.truncated.mean(), tied.float().mean()])
+    kl_coef moves alike on every rank), length, truncated share, GRPO/RLOO's share of tied groups; PPO's
+    explained variance (rank 0's own)."""
+    tied = ep.tied if ep.tied is not None else torch.zeros(())
+    means = torch.stack([ep.scores.mean(), ep.kl.mean(), ep.lengths.mean(), ep.truncated.mean(), tied.to(ep.kl.dtype)])
     if run.ddp:
         dist.all_reduce(means)
         means /= run.world

@@ -67,7 +67,8 @@ def test_frontier_rows_trust_and_interpolation():
     """optimal_frontier over the population (one prompt): rows sorted by KL, reward rising with KL;
     a row is trusted while its median ESS >= min_ess (2 here, as N is only 10) and its KL is at least
     1 nat below the ceiling, KL <= log 10 - 1 = 1.303. optimum_reward_at interpolates linearly between trusted rows and
-    returns None past the last one."""
+    returns None past the last one; below the first row it runs from (0, the reference's reward), where
+    every frontier starts: halfway to the first row's KL it is halfway to its reward."""
     rows = optimum.optimal_frontier(POPULATION[None, :], [0.25, 0.5, 1.0, 2.0, 8.0], n_boot=20, min_ess=2.0)
     kls, rewards = [r["kl"] for r in rows], [r["reward"] for r in rows]
     assert kls == sorted(kls) and rewards == sorted(rewards)
@@ -75,8 +76,9 @@ def test_frontier_rows_trust_and_interpolation():
     trusted = [r for r in rows if r["trusted"]]
     a, b = trusted[0], trusted[1]
     mid = (a["kl"] + b["kl"]) / 2
-    assert optimum.optimum_reward_at(rows, mid) == pytest.approx((a["reward"] + b["reward"]) / 2)
-    assert optimum.optimum_reward_at(rows, trusted[-1]["kl"] + 0.01) is None
+    assert optimum.optimum_reward_at(rows, mid, 1.0) == pytest.approx((a["reward"] + b["reward"]) / 2)
+    assert optimum.optimum_reward_at(rows, a["kl"] / 2, 1.0) == pytest.approx((1.0 + a["reward"]) / 2)
+    assert optimum.optimum_reward_at(rows, trusted[-1]["kl"] + 0.01, 1.0) is None
 
 
 def brute_force_best_of(p, rewards, n):
@@ -103,6 +105,21 @@ def test_best_of_n_with_ties_against_brute_force():
     assert kl == pytest.approx(0.2698727, abs=1e-7) and reward == pytest.approx(1.487, abs=1e-12)
     assert (kl, reward) == pytest.approx(brute_force_best_of(p, rewards, 3), abs=1e-12)
     assert kl < math.log(3) - 2 / 3
+
+
+def test_best_of_n_selecting_on_a_penalised_score():
+    """Best-of-N selects on score = reward - penalty x cut (a response cut without an end token loses 1),
+    and reports the selected response's reward. Samples (reward, cut): (2, cut), (1, not), (0, not),
+    (0, not): scores 1, 1, 0, 0. Score classes 0 and 1 with p = 0.5 each; best of 2 picks class 1 with
+    1 - 0.5^2 = 0.75 and class 0 with 0.25: KL = 0.75 ln 1.5 + 0.25 ln 0.5 = 0.3040988 - 0.1732868 = 0.1308120. Within class 1
+    the pick is either of its two samples (rewards 2 and 1, mean 1.5), so E[reward] = 0.75 x 1.5 +
+    0.25 x 0 = 1.125; brute force over the 16 ordered pairs of samples (first of the equals kept) agrees."""
+    rewards, cut = np.array([2.0, 1.0, 0.0, 0.0]), np.array([1.0, 0.0, 0.0, 0.0])
+    kl, reward = optimum.best_of_n_exact(rewards - cut, 2, rewards)
+    assert kl == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-12)
+    assert kl == pytest.approx(0.1308120, abs=1e-7) and reward == pytest.approx(1.125, abs=1e-12)
+    brute = np.mean([rewards[max((i, j), key=lambda k: rewards[k] - cut[k])] for i in range(4) for j in range(4)])
+    assert reward == pytest.approx(brute, abs=1e-12)
 
 
 def test_best_of_n_without_ties_reaches_the_bound():

@@ -55,8 +55,8 @@ def test_group_rollout_advantages(tiny_run, tmp_path):
     reward minus the no-eos penalty; its total is score - kl_coef x its summed log pi/pi_ref (0.7
     here; the policy is a perturbed copy of the reference, so the KL terms are not 0); the advantage
     of every token of a response is group_advantages of the group's totals (tested by hand in
-    test_ppo.py), 0 at the padding; no values or returns exist. With kl_penalty=loss the totals are
-    the scores alone."""
+    test_ppo.py), 0 at the padding; no values or returns exist; tied is the share of groups whose
+    totals all tie. With kl_penalty=loss the totals are the scores alone."""
     cfg, run, d = stage_inputs(tmp_path, "--method=grpo", "--group_size=4", "--rollout_batch=12", "--ppo_minibatch=4",
                                "--max_new_tokens=12")
     reference = load_model(f"{tiny_run[0]}/ref.pt", "cpu")
@@ -71,6 +71,8 @@ def test_group_rollout_advantages(tiny_run, tmp_path):
         total = ep.scores - (0.7 * ep.kl if penalty == "reward" else 0)
         expected = rlhf.P.group_advantages(total.view(3, 4), method).view(-1)
         assert torch.equal(ep.advantages, expected[:, None] * ep.rmask)
+        groups = total.view(3, 4)
+        assert ep.tied.item() == (groups.amax(1) == groups.amin(1)).float().mean().item()  # logged as 'tied'
 
 
 def test_critic_free_exact_resume_and_no_value_model(tiny_run, tmp_path, method="rloo"):
@@ -124,6 +126,15 @@ def test_ppo_rm_and_a_reward_model_as_judge(tiny_run, tiny_rm, tmp_path):
     res = run_train(tmp_path, f"--init_from={tiny_run[0]}/ref.pt", "--method=ppo", "--ppo_iters=2",
                     f"--reward_model={rm}", f"--judge={rm}", *RLHF)
     assert set(("kl", "win_rate", "policy_reward", "valid_fraction")) <= set(res)
+
+
+def test_rloo_on_a_reward_model(tiny_run, tiny_rm, tmp_path):
+    """RLOO-RM: the groups are scored by the reward model (no value model is built from it or from
+    anything else); the run ends with the usual evaluation."""
+    res = run_train(tmp_path, f"--init_from={tiny_run[0]}/ref.pt", "--method=rloo", "--ppo_iters=1", "--group_size=2",
+                    f"--reward_model={tiny_rm[0]}/ckpt.pt", *RLHF)
+    assert set(("kl", "kl_analytic", "win_rate", "policy_reward")) <= set(res)
+    assert "value" not in torch.load(tmp_path / "ckpt.pt", weights_only=True)
 
 
 def test_rlhf_bad_inputs_name_themselves(tiny_run, tiny_rm, tmp_path):

@@ -3,11 +3,11 @@ The optimal frontier of a Figure 2 sweep (optimum.py's math): N samples per held
 sweep's reference, their exact task rewards, then for each beta of a grid the optimum's reward and KL
 with bootstrap intervals, and Best-of-N's exact KL beside its bound. Needs a task with a reward.
 
-  python scripts/frontier_optimum.py runs/frontier                  # runs/frontier/optimum/{rewards.npy,optimum.json}
+  python scripts/frontier_optimum.py runs/frontier                  # runs/frontier/optimum/{samples.npz,optimum.json}
   python scripts/frontier_optimum.py runs/frontier --samples=128     # fewer samples per prompt (faster)
 
 Sampling is the cost: 256 prompts x 256 samples of the default reference took about 10 min on a 2-core
-CPU (RESULTS.md); rewards.npy is kept, so a second call only recomputes the table.
+CPU (RESULTS.md); samples.npz (rewards, cut flags) is kept, so a second call only recomputes the table.
 """
 import argparse
 import json
@@ -32,8 +32,10 @@ BEST_OF = (2, 4, 16, 64)
 
 
 def sample_rewards(runs, n, extra):
-    """-> (P, n) float64: the exact rewards of n reference samples (temperature 1, no top-k: pi_ref itself)
-    for each held-out prompt, sampled in chunks of 16 prompts with seeds seed + 3 + chunk."""
+    """-> (rewards, cut, no_eos_penalty, seconds): rewards (P, n) float64, the exact rewards of n reference
+    samples (temperature 1, no top-k: pi_ref itself) for each held-out prompt, sampled in chunks of 16
+    prompts with seeds seed + 3 + chunk; cut (P, n) 1.0 where a sample ended at max_new_tokens without an
+    end token (Best-of-N selects on reward - no_eos_penalty x cut, as the best_of_n runs do)."""
     out = os.path.join(runs, "optimum")
     cfg = train.parse_config([f"--out_dir={out}", f"--init_from={runs}/reference/ref.pt", "--sft_iters=0",
                               "--overwrite=True", *extra])
@@ -44,13 +46,14 @@ def sample_rewards(runs, n, extra):
         sys.exit(f"--data={cfg.data}: the task has no reward, so there is no exact optimum to estimate")
     reference = load_model(cfg.init_from, run.device).eval()
     tokenize(cfg, data, reference.config.block_size)
-    rows, t0 = [], time.time()
+    rows, cuts, t0 = [], [], time.time()
     for c in range(0, len(data.eval_ids), 16):
         prompts = [p for p in data.eval_ids[c:c + 16] for _ in range(n)]    # each prompt n times in a row
         outs = sample(cfg, run, reference, prompts, cfg.seed + 3 + c, data.eot, temperature=1.0, top_k=0)
         rows.append(task_rewards(data, prompts, outs).double().view(-1, n).numpy())
+        cuts.append(np.array([r[-1] != data.eot for r in outs], dtype=np.float64).reshape(-1, n))
         print0(f"sampled {c + len(prompts) // n}/{len(data.eval_ids)} prompts x {n} | {time.time() - t0:.0f}s")
-    return np.concatenate(rows), time.time() - t0
+    return np.concatenate(rows), np.concatenate(cuts), cfg.no_eos_penalty, time.time() - t0
 
 
 def main(argv=None):
@@ -58,22 +61,23 @@ def main(argv=None):
     ap.add_argument("runs", help="the sweep's folder: its reference/ref.pt is sampled")
     ap.add_argument("--samples", type=int, default=256, help="reference samples per held-out prompt (N)")
     args, extra = ap.parse_known_args(argv)  # the rest: train.py settings, e.g. --threads=2 (the sweep's task's)
-    path = os.path.join(args.runs, "optimum", "rewards.npy")
-    seconds = None
-    if os.path.isfile(path) and np.load(path).shape[1] == args.samples:
-        rewards = np.load(path)
+    path = os.path.join(args.runs, "optimum", "samples.npz")
+    if os.path.isfile(path) and np.load(path)["rewards"].shape[1] == args.samples:
+        saved = np.load(path)
+        rewards, cut, penalty, seconds = saved["rewards"], saved["cut"], float(saved["penalty"]), None
     else:
-        rewards, seconds = sample_rewards(args.runs, args.samples, extra)
-        np.save(path, rewards)
+        rewards, cut, penalty, seconds = sample_rewards(args.runs, args.samples, extra)
+        np.savez(path, rewards=rewards, cut=cut, penalty=penalty)
     P, N = rewards.shape
     frontier = optimum.optimal_frontier(rewards, BETAS)
     half = optimum.optimal_frontier(rewards[:, :N // 2], BETAS)  # the same at N/2: how far N has converged
     result = dict(prompts=P, samples=N, sample_seconds=seconds, reference_reward=float(rewards.mean()),
-                  log_n=math.log(N), frontier=frontier, frontier_half=half,
-                  best_of=optimum.best_of_n_table(rewards, BEST_OF))
+                  cut_share=float(cut.mean()), log_n=math.log(N), frontier=frontier, frontier_half=half,
+                  best_of=optimum.best_of_n_table(rewards, BEST_OF, scores=rewards - penalty * cut))
     with open(os.path.join(args.runs, "optimum", "optimum.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{P} prompts x {N} reference samples (reward {result['reference_reward']:.3f})"
+    print(f"{P} prompts x {N} reference samples (reward {result['reference_reward']:.3f}, "
+          f"{100 * result['cut_share']:.2f}% cut at max_new_tokens)"
           + (f", sampled in {seconds:.0f} s" if seconds else ""))
     print("| beta | KL (nats) | optimum's reward | 95% interval | median ESS | at N/2: KL, reward | trusted |")
     print("|---|---|---|---|---|---|---|")

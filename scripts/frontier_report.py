@@ -105,8 +105,8 @@ def share_of_gain(s, opt):
     optimum's samples; (None, None) without an optimum or beyond its trusted range."""
     if not opt or s["kl"] is None or s["policy_reward"] is None:
         return None, None
-    best = optimum.optimum_reward_at(opt["frontier"], s["kl"][0])
     ref = opt["reference_reward"]
+    best = optimum.optimum_reward_at(opt["frontier"], s["kl"][0], ref)
     if best is None or best - ref <= 1e-9:
         return best, None
     return best, (s["policy_reward"][0] - ref) / (best - ref)
@@ -135,7 +135,7 @@ def table(points, rm, opt=None):
             else:
                 cells.append(cell(key, *s[key], n))
         if opt:
-            best, share = share_of_gain(s, opt)
+            best, share = share_of_gain(s, opt) if p["name"] != "reference" else (None, None)
             cells += ["-" if best is None else f"{best:.2f}", "-" if share is None else f"{share:.2f}"]
         lines.append(f"| {p['name']} | {n} | " + " | ".join(cells) + " |")
     if rm:
