@@ -160,7 +160,7 @@ def plot(points, png, opt=None):
         print(f"matplotlib is not installed, so no picture ({png}); the table above is complete. "
               f"For the picture: pip install matplotlib")
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.4))
     if opt:
         f = opt["frontier"]
         trusted = [r for r in f if r["trusted"]]
@@ -189,11 +189,12 @@ def plot(points, png, opt=None):
         axes[0].set_xlim(-0.1, max(max(summarise(p, opt)["kl"][0] for p in points) * 1.08, 1.0))
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6.5, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)  # below both panels: no point hidden
     seeds = sorted({len(p["evals"]) for p in points if p["name"] != "reference"})
     fig.suptitle(f"{'/'.join(map(str, seeds))} policy seeds per point; error bars: one standard deviation over them; "
                  f"KL: the analytic per-token estimate", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(png, dpi=90)
     print(f"wrote {png}")
     return True
