@@ -39,10 +39,10 @@ reward beta*log(pi/pi_ref), which folds the reward model and this RL step into o
 
 (5) Without a critic: GRPO and RLOO. Both sample a group of G responses per prompt and use the group itself as
 the baseline that the value head provides in (2), so one advantage holds for every token of a response:
-    RLOO (Ahmadian et al. 2024, arXiv:2402.14740, Eq. 3; Kool et al. 2019): A_i = R_i - 1/(G-1) sum_{j!=i} R_j.
+    RLOO (Ahmadian et al. 2024, arXiv:2402.14740, section 3; Kool et al. 2019): A_i = R_i - 1/(G-1) sum_{j!=i} R_j.
         The baseline leaves out R_i itself, so it is independent of y_i and E[A_i grad log pi(y_i)] is exactly
         the gradient of E[R]: unbiased. Equal to G/(G-1) (R_i - mean R).
-    GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, section 4.1.2): A_i = (R_i - mean R) / std R.
+    GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, section 4.1, outcomes): A_i = (R_i - mean R) / std R.
         Dividing by the group's spread makes each prompt's advantages O(1) whatever its reward scale; it also
         weighs a prompt the policy almost always gets right (tiny std) as much as a hard one (Liu et al. 2025,
         Dr. GRPO, call this a bias). A group whose rewards all tie has no signal: its advantages are exactly 0.
