@@ -10,6 +10,7 @@ import sys
 from types import SimpleNamespace
 
 from dpo import check_loss_args
+from ppo import CRITIC_FREE
 
 POSITIVE = ("best_of", "n_layer", "n_embd", "batch_size", "sft_batch_size", "grad_accum", "dpo_lr", "max_new_tokens",
             "log_interval", "sft_log_interval", "eval_interval", "ckpt_interval", "eval_samples", "eval_pairs",
@@ -70,9 +71,9 @@ def check_settings(cfg, methods):
         ("method", c.method in methods, f"one of {tuple(methods)}"), ("gamma", 0 < c.gamma <= 1, "in (0, 1]"),
         ("lam", 0 <= c.lam <= 1, "in [0, 1]"), ("clip_range", 0 < c.clip_range < 1, "in (0, 1)"),
         ("ppo_minibatch", c.rollout_batch % c.ppo_minibatch == 0, "a divisor of --rollout_batch"),
-        ("group_size", c.group_size >= 2 and (c.rollout_batch % c.group_size == 0 or c.method not in ("grpo", "rloo")),
+        ("group_size", c.group_size >= 2 and (c.rollout_batch % c.group_size == 0 or c.method not in CRITIC_FREE),
          ">= 2 and, for grpo and rloo, a divisor of --rollout_batch"),
-        ("kl_penalty", c.kl_penalty in ("reward", "loss") and (c.kl_penalty == "reward" or c.method in ("grpo", "rloo")),
+        ("kl_penalty", c.kl_penalty in ("reward", "loss") and (c.kl_penalty == "reward" or c.method in CRITIC_FREE),
          "'reward', or 'loss' with --method=grpo or rloo"),
         ("dtype", c.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
         ("n_head", c.n_head > 0 and c.n_embd % c.n_head == 0, "a divisor of --n_embd"),
@@ -80,14 +81,14 @@ def check_settings(cfg, methods):
         ("val_fraction", 0 < c.val_fraction < 1, "in (0, 1)"), ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
         ("judge", c.judge == "" or ":" in c.judge or c.judge.endswith(".pt"), "module:function or a .pt"),
         ("task", c.task == "" or ":" in c.task, "module:name"),
-        ("reward_model", c.reward_model == "" or c.method in ("ppo", "grpo", "rloo", "best_of_n"),
+        ("reward_model", c.reward_model == "" or c.method in ("ppo", *CRITIC_FREE, "best_of_n"),
          "empty unless --method=ppo, grpo, rloo or best_of_n"),
         *[(k, cfg[k] > 0, "> 0") for k in POSITIVE], *[(k, cfg[k] >= 0, ">= 0") for k in NON_NEGATIVE]])
     c.policy_seed = c.seed if c.policy_seed < 0 else c.policy_seed
     if c.online and c.precompute_ref:
         sys.exit("--precompute_ref=True needs a fixed training set; online DPO scores its fresh pairs as it goes")
     for flag in ("online", "precompute_ref", "reference_free"):
-        if c.method in ("reward_model", "ppo", "grpo", "rloo", "best_of_n") and getattr(c, flag):
+        if c.method in ("reward_model", "ppo", *CRITIC_FREE, "best_of_n") and getattr(c, flag):
             sys.exit(f"--{flag}=True is a DPO setting; it does not apply to --method={c.method}")
     if c.export and not c.eval_only:
         sys.exit("--export=DIR works with --eval_only=True (it exports the checkpoint given as --init_from)")

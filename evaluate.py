@@ -22,7 +22,7 @@ import data as D
 from checkpoint import load_model
 from dpo import dpo_loss, response_logps
 from model import ScalarGPT
-from ppo import bradley_terry_loss, last_token_scores, predicting
+from ppo import CRITIC_FREE, bradley_terry_loss, last_token_scores, predicting
 from runtime import atomic_write, or_exit, print0, write_json
 from task import call_task, load_object, prompt_ids, task_rewards, text
 
@@ -30,26 +30,37 @@ from task import call_task, load_object, prompt_ids, task_rewards, text
 # ------------------------------------------------------------------------------------------------
 # scoring and sampling, shared with training
 
+def by_length(cfg, run, seqs, eot):
+    """(prompt_ids, response_ids) sequences in batches of score_batch_size sequences of similar length
+    (little padding to compute). -> (order, the batches' (ids, mask) on the device, lazily): sorted row
+    k is input sequence order[k]; in_input_order puts rows back."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    size = cfg.score_batch_size
+    return order, (tuple(x.to(run.device) for x in D.collate_sft([seqs[j] for j in order[i:i + size]], eot))
+                   for i in range(0, len(seqs), size))
+
+
+def in_input_order(order, rows):
+    """Rows in by_length's order -> the same rows in the input order."""
+    return torch.empty_like(rows).index_copy_(0, torch.tensor(order, device=rows.device), rows)
+
+
 @torch.no_grad()
 def score(cfg, run, model, seqs, eot):
     """Summed response log-probs and token counts of (prompt_ids, response_ids), in eval mode; a
     reward model's score at the last token instead when `model` is a ScalarGPT (then a list of
-    one tensor). Batches hold sequences of similar length (sorted, then put back in order): little
-    padding to compute."""
+    one tensor). Batches hold sequences of similar length (by_length): little padding to compute."""
     was_training, out = model.training, []
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    order, batches = by_length(cfg, run, seqs, eot)
     model.eval()
     with run.ctx:
-        for i in range(0, len(seqs), cfg.score_batch_size):
-            batch = [seqs[j] for j in order[i:i + cfg.score_batch_size]]
-            ids, mask = (x.to(run.device) for x in D.collate_sft(batch, eot))
+        for ids, mask in batches:
             if isinstance(model, ScalarGPT):
                 out.append([last_token_scores(model, ids, mask)])
             else:
                 out.append([x.float() for x in response_logps(model, ids, mask)])
     model.train(was_training)
-    where = torch.tensor(order, device=run.device)  # sorted row k is input sequence order[k]
-    return [torch.empty_like(x).index_copy_(0, where, x) for x in map(torch.cat, zip(*out))]
+    return [in_input_order(order, x) for x in map(torch.cat, zip(*out))]
 
 
 @torch.no_grad()
@@ -66,9 +77,8 @@ def kl_estimates(cfg, run, policy, reference, seqs, eot):
     of seqs."""
     out, was = [], (policy.training, reference.training)
     policy.eval(), reference.eval()
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
-    for i in range(0, len(seqs), cfg.score_batch_size):
-        ids, mask = (x.to(run.device) for x in D.collate_sft([seqs[j] for j in order[i:i + cfg.score_batch_size]], eot))
+    order, batches = by_length(cfg, run, seqs, eot)
+    for ids, mask in batches:
         pred = predicting(mask)                                         # (B, T) positions that predict a response token
         with run.ctx:
             logp = torch.log_softmax(policy(ids, select=pred).float(), -1)     # (N, V)
@@ -79,7 +89,7 @@ def kl_estimates(cfg, run, policy, reference, seqs, eot):
         per_token = torch.stack([diff.gather(1, tokens[:, None]).squeeze(1), (logp.exp() * diff).sum(-1)], 1)
         out.append(torch.zeros(len(mask), 2, dtype=torch.float64, device=run.device).index_add_(0, rows, per_token.double()))
     policy.train(was[0]), reference.train(was[1])
-    kl = torch.empty(len(seqs), 2, dtype=torch.float64).index_copy_(0, torch.tensor(order), torch.cat(out).cpu())
+    kl = in_input_order(order, torch.cat(out)).cpu()
     return kl[:, 0], kl[:, 1]
 
 
@@ -372,7 +382,7 @@ def check_inputs(cfg, run, data, policy):
     """What can be checked before any training: the reward model PPO or Best-of-N will use (loaded
     and dropped), and the export folder (its parent can be written; if it exists, it holds an
     earlier export and nothing else, since it will be replaced)."""
-    if cfg.method in ("ppo", "grpo", "rloo", "best_of_n") and not cfg.eval_only:
+    if cfg.method in ("ppo", *CRITIC_FREE, "best_of_n") and not cfg.eval_only:
         with torch.random.fork_rng(devices=[]):  # building it must not move the seeded RNG
             load_scorer(cfg, run, data, policy)
     if cfg.export:

@@ -64,6 +64,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+CRITIC_FREE = ("grpo", "rloo")  # the methods of (5): train.py's --method values that use group_advantages
+
 
 def masked_mean(x, mask, dim=None):
     """Mean of x over the entries where mask is True; over everything if dim is None, else along dim."""

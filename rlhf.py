@@ -26,12 +26,10 @@ from model import ScalarGPT
 from runtime import Guard, clip_and_step, exit_for_signal, lr_at, make_optimizer, or_exit, print0, set_lr, stop_requested
 from task import task_rewards
 
-CRITIC_FREE = ("grpo", "rloo")
-
 
 def group_size(cfg):
     """Responses sampled per prompt: group_size for GRPO and RLOO, one for PPO."""
-    return cfg.group_size if cfg.method in CRITIC_FREE else 1
+    return cfg.group_size if cfg.method in P.CRITIC_FREE else 1
 
 
 @torch.no_grad()
@@ -64,9 +62,10 @@ def rollout(cfg, run, data, policy, reference, value, scorer, prompts, seed, kl_
     else:                   # GRPO, RLOO: one advantage per response, from its group's scores (ppo.py's (5))
         kl = (old_logps - ref_logps).masked_fill(~rmask, 0)                       # (B, R)
         total = scores - kl_coef * kl.sum(1) if cfg.kl_penalty == "reward" else scores
-        per_response = P.group_advantages(total.view(-1, cfg.group_size), cfg.method).view(-1)  # (B,)
+        groups = total.view(-1, cfg.group_size)                                   # (prompts, G)
+        per_response = P.group_advantages(groups, cfg.method).view(-1)            # (B,)
         advantages, returns = per_response[:, None] * rmask, None                 # (B, R), 0 at pads
-        tied = (total.view(-1, cfg.group_size).amax(1) == total.view(-1, cfg.group_size).amin(1)).float().mean()
+        tied = (groups.amax(1) == groups.amin(1)).float().mean()
     return SimpleNamespace(ids=ids, mask=mask, rmask=rmask, old_logps=old_logps, ref_logps=ref_logps, values=values,
                            returns=returns, advantages=advantages, scores=scores, kl=kl.sum(1), kl_coef=kl_coef, tied=tied,
                            lengths=n.float(), widths=torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)]),
@@ -77,7 +76,7 @@ def update(cfg, run, policy, value, optimizers, ep, generator, guard, step):
     """ppo_epochs passes over the rollout in shuffled minibatches: one clipped policy step each (through
     `policy`, the model or its DDP wrapper), and for PPO one clipped value step, each step checked by
     `guard`. -> the mean of each statistic over all of them."""
-    stats = []
+    stats, models = [], [m for m in (policy, value) if m is not None]
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(len(ep.ids), generator=generator).split(cfg.ppo_minibatch):
             width = int(ep.widths[mb].max())  # the minibatch's own padding, not the rollout's
@@ -85,23 +84,21 @@ def update(cfg, run, policy, value, optimizers, ep, generator, guard, step):
             with run.ctx:
                 logps, entropy = P.token_logps(policy, ids, mask, rmask, entropy=True)
             pg_loss, pg = P.policy_loss(logps, ep.old_logps[mb], ep.advantages[mb], rmask, cfg.clip_range)
-            rec = dict(policy_loss=pg_loss.detach())
+            rec = dict(policy_loss=pg_loss.detach(), **pg, entropy=P.masked_mean(entropy.detach(), rmask))
             if value is None and cfg.kl_penalty == "loss":  # GRPO's k3 in the loss (ppo.py's (5))
                 kl_loss = P.masked_mean(P.k3_kl(logps, ep.ref_logps[mb]), rmask)
                 pg_loss = pg_loss + ep.kl_coef * kl_loss
                 rec.update(kl_loss=kl_loss.detach())
             pg_loss.backward()
-            rec.update(**pg, entropy=P.masked_mean(entropy.detach(), rmask))
             if value is not None:
                 with run.ctx:
                     v = P.token_values(value, ids, mask, rmask)
                 v_loss, vs = P.value_loss(v.float(), ep.values[mb], ep.returns[mb], rmask, cfg.clip_range_value)
                 v_loss.backward()
-                rec = dict(policy_loss=rec["policy_loss"], value_loss=v_loss.detach(), **pg, entropy=rec["entropy"], **vs)
-            models = (policy, value) if value is not None else (policy,)
+                rec.update(value_loss=v_loss.detach(), **vs)
             norms = [clip_and_step(m.parameters(), opt, cfg.grad_clip) for m, opt in zip(models, optimizers)]
             guard.after_step(step, *norms)
-            stats.append(dict(rec, grad_norm=norms[0], **({"value_grad_norm": norms[1]} if value is not None else {})))
+            stats.append(dict(rec, **dict(zip(("grad_norm", "value_grad_norm"), norms))))
     means = torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0)  # (statistics,) over minibatch steps
     return dict(zip(stats[0], means.tolist()))
 

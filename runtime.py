@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ppo import CRITIC_FREE
+
 RUN_FILES = ("ref.pt", "sft.pt", "ckpt.pt", "config.json", "metrics.jsonl", "eval.json")
 
 
@@ -191,7 +193,7 @@ def setup(cfg):
     if ddp and cfg.method in ("reward_model", "ppo", "best_of_n"):
         sys.exit(f"--method={cfg.method} runs in one process; torchrun (DDP) is supported for dpo, preferred_ft, "
                  f"unlikelihood, grpo and rloo")
-    if cfg.grad_accum % world and cfg.method not in ("grpo", "rloo"):  # they take rollout_batch per process
+    if cfg.grad_accum % world and cfg.method not in CRITIC_FREE:  # they take rollout_batch per process
         sys.exit(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes ({world})")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

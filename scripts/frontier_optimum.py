@@ -63,8 +63,8 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=512, help="reference samples per held-out prompt (N)")
     args, extra = ap.parse_known_args(argv)  # the rest: train.py settings, e.g. --threads=2 (the sweep's task's)
     path = os.path.join(args.runs, "optimum", "samples.npz")
-    if os.path.isfile(path) and np.load(path)["rewards"].shape[1] == args.samples:
-        saved = np.load(path)
+    saved = np.load(path) if os.path.isfile(path) else None
+    if saved is not None and saved["rewards"].shape[1] == args.samples:
         rewards, cut, penalty, seconds = saved["rewards"], saved["cut"], float(saved["penalty"]), None
     else:
         rewards, cut, penalty, seconds = sample_rewards(args.runs, args.samples, extra)

@@ -85,12 +85,10 @@ def summarise(point, opt=None):
     sample one; Best-of-N's: its exact KL from optimum.json (one number from the reference's samples,
     its spread the standard error over prompts), else its bound (no spread)."""
     out = {}
+    kl = "kl_bound" if point["bound"] else "kl_analytic" if "kl_analytic" in point["evals"][0] else "kl"
     for key, _ in COLUMNS:
-        if key == "kl":
-            field = "kl_bound" if point["bound"] else "kl_analytic" if "kl_analytic" in point["evals"][0] else "kl"
-        else:
-            field = "kl" if key == "kl_sample" else key
-        xs = [e[field] for e in point["evals"] if field in e and not (key == "kl_sample" and point["bound"])]
+        field = dict(kl=kl, kl_sample="kl").get(key, key)  # Best-of-N's evals have no sample estimate
+        xs = [e[field] for e in point["evals"] if field in e]
         out[key] = mean_std(xs) if xs else None
     exact = exact_best_of(point, opt)
     if exact:
